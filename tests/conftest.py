@@ -1,0 +1,28 @@
+import functools
+import inspect
+
+import pytest
+import trio
+
+from zpcid import log
+
+log.configure(fmt="json", level="warning")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pyfunc_call(pyfuncitem):
+    """Run ``async def`` tests under trio (no plugin needed)."""
+    if inspect.iscoroutinefunction(pyfuncitem.obj):
+        args = {a: pyfuncitem.funcargs[a] for a in pyfuncitem._fixtureinfo.argnames}
+        trio.run(functools.partial(pyfuncitem.obj, **args))
+        return True
+    return None
+
+
+@pytest.fixture
+def sock_dir(tmp_path_factory):
+    # AF_UNIX paths are limited to 108 bytes; pytest's tmp paths can be long.
+    import tempfile, shutil
+    d = tempfile.mkdtemp(prefix="zpcid-t")
+    yield d
+    shutil.rmtree(d, ignore_errors=True)

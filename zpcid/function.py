@@ -1,0 +1,142 @@
+"""A PCI function served over vfio-user: config space, BARs, MSI-X, IRQs, DMA."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from protocol import consts as C
+from protocol.messages import IrqSet
+from zpcid import log
+from zpcid.device import RegionDesc, Session
+from zpcid.dma import DmaSpace
+from zpcid.irq import IrqTable
+from zpcid.msix import Msix
+from zpcid.pci import Bar, ConfigRegion, ConfigSpace
+from zpcid.regions import Region, RegionError, WindowedRegion
+
+
+class PciFunction:
+    """Base of every function type; subclasses add BARs and behaviour."""
+
+    type_name = "pci"
+
+    def __init__(self, name: str, *, vendor: int, device: int, class_code: int = 0xFF0000,
+                 subsys_vendor: int = 0, subsys: int = 0, revision: int = 0,
+                 msix_vectors: int = 4, max_dma_maps: int = 65535):
+        self.name = name
+        self.log = log.get("zpcid.function", function=name)
+        self.config = ConfigSpace(vendor, device, class_code, subsys_vendor, subsys, revision)
+        self.config.add_pcie_capability()
+        self.regions: dict[int, Region] = {C.VFIO_PCI_CONFIG_REGION_INDEX: ConfigRegion(self.config)}
+        self.irqs = IrqTable(
+            {C.VFIO_PCI_MSIX_IRQ_INDEX: msix_vectors, C.VFIO_PCI_ERR_IRQ_INDEX: 1,
+             C.VFIO_PCI_REQ_IRQ_INDEX: 1},
+            maskable=frozenset({C.VFIO_PCI_MSIX_IRQ_INDEX}),
+        )
+        self.msix: Msix | None = None
+        self._msix_vectors = msix_vectors
+        self.dma = DmaSpace(max_dma_maps)
+        self.session: Session | None = None
+        self.attaches = 0
+
+    # ------------------------------------------------------------------ building
+    def add_bar(self, index: int, region: Region, *, is64: bool = True, prefetch: bool = False) -> Bar:
+        bar = Bar(index, region, is64, prefetch)
+        self.config.add_bar(bar)
+        self.regions[index] = region
+        return bar
+
+    def add_msix_bar(self, index: int, size: int = 0x4000) -> WindowedRegion:
+        """A trapped BAR holding the MSI-X table (offset 0) and PBA (second half)."""
+        region = WindowedRegion(size)
+        self.msix = Msix(self.config, self.irqs, self._msix_vectors, index, 0, size // 2)
+        region.add(0, self.msix.table_size, self.msix.table_read, self.msix.table_write)
+        region.add(size // 2, self.msix.pba_size, self.msix.pba_read, self.msix.pba_write)
+        self.add_bar(index, region)
+        return region
+
+    def add_region(self, index: int, region: Region) -> None:
+        if index < C.VFIO_PCI_NUM_REGIONS:
+            raise ValueError("device-specific regions start at index 9")
+        self.regions[index] = region
+
+    # ------------------------------------------------------------------ lifecycle
+    def attach(self, session: Session) -> None:
+        self.session = session
+        self.dma.message_io = session
+        self.attaches += 1
+
+    def detach(self) -> None:
+        """The client left: drop its DMA maps and eventfds, reset the function."""
+        self.dma.message_io = None
+        self.dma.close()
+        self.irqs.clear()
+        self.session = None
+        self.reset_state()
+
+    def reset_state(self) -> None:
+        """Function-level reset of emulated state (kept: client DMA maps, eventfds)."""
+        self.config.put(0x04, 0, 2)
+        if self.msix is not None:
+            self.msix.reset()
+
+    async def reset(self) -> None:
+        self.log.info("device_reset")
+        self.reset_state()
+
+    # ------------------------------------------------------------------ vfio-user device API
+    def device_info(self) -> tuple[int, int, int]:
+        num_regions = max(C.VFIO_PCI_NUM_REGIONS, max(self.regions) + 1)
+        return C.VFIO_DEVICE_FLAGS_PCI | C.VFIO_DEVICE_FLAGS_RESET, num_regions, C.VFIO_PCI_NUM_IRQS
+
+    def region_info(self, index: int) -> RegionDesc:
+        region = self.regions.get(index)
+        if region is None:
+            if index >= self.device_info()[1]:
+                raise RegionError(f"region index {index} does not exist")
+            return RegionDesc(0, 0)
+        return RegionDesc(region.flags(), region.size, region.caps(), region.mmap_fd(), 0)
+
+    def _region(self, index: int) -> Region:
+        region = self.regions.get(index)
+        if region is None:
+            raise RegionError(f"region {index} is not implemented")
+        return region
+
+    async def region_read(self, index: int, offset: int, count: int) -> bytes:
+        region = self._region(index)
+        region.check(offset, count)
+        if not region.readable:
+            raise RegionError(f"region {index} is not readable")
+        return await region.read(offset, count)
+
+    async def region_write(self, index: int, offset: int, data: bytes) -> None:
+        region = self._region(index)
+        region.check(offset, len(data))
+        if not region.writable:
+            raise RegionError(f"region {index} is not writable")
+        await region.write(offset, data)
+
+    def irq_info(self, index: int) -> tuple[int, int]:
+        return self.irqs.info(index)
+
+    def set_irqs(self, req: IrqSet, fds: Sequence[int]) -> list[int]:
+        return self.irqs.apply(req, fds)
+
+    def dma_map(self, iova: int, size: int, readable: bool, writable: bool,
+                fd: int | None, offset: int) -> None:
+        self.dma.add(iova, size, readable, writable, fd, offset)
+
+    def dma_unmap(self, iova: int, size: int) -> int:
+        return len(self.dma.remove(iova, size))
+
+    def dma_unmap_all(self) -> int:
+        return len(self.dma.clear())
+
+    def close(self) -> None:
+        """Release the function's own resources (the daemon is done with it)."""
+        self.detach()
+        for region in self.regions.values():
+            close = getattr(region, "close", None)
+            if close:
+                close()
