@@ -36,6 +36,9 @@ class PciFunction:
         self.msix: Msix | None = None
         self._msix_vectors = msix_vectors
         self.dma = DmaSpace(max_dma_maps)
+        # What device models use for DMA: async read(iova, n) / write(iova, data).
+        # Plain vfio-user: the client's DMA map; zPCI functions put their IOMMU here.
+        self.dma_path = self.dma
         self.session: Session | None = None
         self.attaches = 0
 
