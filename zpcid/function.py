@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+import collections
+from typing import Any, Sequence
+
+import attrs
 
 from protocol import consts as C
 from protocol.messages import IrqSet
@@ -12,7 +15,22 @@ from zpcid.dma import DmaSpace
 from zpcid.irq import IrqTable
 from zpcid.msix import Msix
 from zpcid.pci import Bar, ConfigRegion, ConfigSpace
+from zpcid.properties import ZpciProperties
 from zpcid.regions import Region, RegionError, WindowedRegion
+
+
+@attrs.define
+class FunctionCounters:
+    """Monotonic per-function counters (exported as Prometheus ``_total`` metrics)."""
+
+    rpcit_calls: int = 0
+    pages_mapped: int = 0
+    pages_unmapped: int = 0
+    dma_bytes_read: int = 0
+    dma_bytes_written: int = 0
+    interrupts: int = 0
+    attaches: int = 0
+    errors: collections.Counter = attrs.field(factory=collections.Counter)  # kind -> count
 
 
 class PciFunction:
@@ -22,8 +40,11 @@ class PciFunction:
 
     def __init__(self, name: str, *, vendor: int, device: int, class_code: int = 0xFF0000,
                  subsys_vendor: int = 0, subsys: int = 0, revision: int = 0,
-                 msix_vectors: int = 4, max_dma_maps: int = 65535):
+                 msix_vectors: int = 4, max_dma_maps: int = 65535,
+                 zpci: ZpciProperties | None = None):
         self.name = name
+        self.props = zpci or ZpciProperties()
+        self.counters = FunctionCounters()
         self.log = log.get("zpcid.function", function=name)
         self.config = ConfigSpace(vendor, device, class_code, subsys_vendor, subsys, revision)
         self.config.add_pcie_capability()
@@ -68,6 +89,7 @@ class PciFunction:
         self.session = session
         self.dma.message_io = session
         self.attaches += 1
+        self.counters.attaches += 1
 
     def detach(self) -> None:
         """The client left: drop its DMA maps and eventfds, reset the function."""
@@ -135,6 +157,24 @@ class PciFunction:
 
     def dma_unmap_all(self) -> int:
         return len(self.dma.clear())
+
+    def describe(self) -> dict[str, Any]:
+        """State for the control socket (``zpcictl show``); JSON-serialisable."""
+        cfg = self.config
+        return {
+            "name": self.name,
+            "type": self.type_name,
+            "fid": self.props.fid,
+            "uid": self.props.uid,
+            "vendor": cfg.u16(0),
+            "device": cfg.u16(2),
+            "attached": self.session is not None,
+            "dma_maps": len(self.dma),
+            "irq_eventfds": self.irqs.installed(),
+            "msix_enabled": bool(self.msix and self.msix.enabled),
+            "counters": {k: v for k, v in attrs.asdict(self.counters).items() if k != "errors"}
+            | {"errors": dict(self.counters.errors)},
+        }
 
     def close(self) -> None:
         """Release the function's own resources (the daemon is done with it)."""
