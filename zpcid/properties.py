@@ -39,7 +39,7 @@ class ZpciProperties:
     maxstbl: int = attrs.field(default=DEFAULT_MAXSTBL)
     sdma: int = attrs.field(default=DEFAULT_SDMA, validator=_u(64))
     util_str: str = ""
-    mode: str = "vmm-translates"  # default until the VMM selects one in the control region
+    mode: str = attrs.field(default="vmm-translates")  # until the VMM selects one
 
     @compat.validator
     def _compat(self, attribute, value):
