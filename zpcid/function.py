@@ -57,17 +57,24 @@ class PciFunction:
         self.msix: Msix | None = None
         self._msix_vectors = msix_vectors
         self.dma = DmaSpace(max_dma_maps)
-        # What device models use for DMA: async read(iova, n) / write(iova, data).
-        # Plain vfio-user: the client's DMA map; zPCI functions put their IOMMU here.
-        self.dma_path = self.dma
         self.session: Session | None = None
         self.attaches = 0
+        # Every function is a zPCI function: the control region (index 9) carries
+        # CLP data, the instruction mailbox and the event ring.
+        from zpcid.zpci import ZPCI_REGION_INDEX, ZpciCore, ZpciDmaPath
+
+        self.zpci = ZpciCore(self)
+        self.regions[ZPCI_REGION_INDEX] = self.zpci.region
+        # What device models use for DMA: async read(iova, n) / write(iova, data);
+        # IOVAs go through the zPCI IOMMU when the VMM lets zpcid translate.
+        self.dma_path = ZpciDmaPath(self.zpci)
 
     # ------------------------------------------------------------------ building
     def add_bar(self, index: int, region: Region, *, is64: bool = True, prefetch: bool = False) -> Bar:
         bar = Bar(index, region, is64, prefetch)
         self.config.add_bar(bar)
         self.regions[index] = region
+        self.zpci.publish()
         return bar
 
     def add_msix_bar(self, index: int, size: int = 0x4000) -> WindowedRegion:
@@ -98,6 +105,9 @@ class PciFunction:
         self.irqs.clear()
         self.session = None
         self.reset_state()
+        # The guest went with its VMM: the next one starts from a configured,
+        # disabled function with nothing registered.
+        self.zpci.reset_all()
 
     def reset_state(self) -> None:
         """Function-level reset of emulated state (kept: client DMA maps, eventfds)."""
@@ -108,6 +118,7 @@ class PciFunction:
     async def reset(self) -> None:
         self.log.info("device_reset")
         self.reset_state()
+        self.zpci.function_reset()
 
     # ------------------------------------------------------------------ vfio-user device API
     def device_info(self) -> tuple[int, int, int]:
@@ -172,9 +183,45 @@ class PciFunction:
             "dma_maps": len(self.dma),
             "irq_eventfds": self.irqs.installed(),
             "msix_enabled": bool(self.msix and self.msix.enabled),
+            "zpci": self.zpci.describe(),
+            "shadow_mappings": self.zpci.shadow.mapped,
+            "dma_limit_remaining": self.zpci.shadow.available,
             "counters": {k: v for k, v in attrs.asdict(self.counters).items() if k != "errors"}
             | {"errors": dict(self.counters.errors)},
         }
+
+    # zPCI operations for the control socket (zpcictl)
+    def zpci_mappings(self) -> list[dict[str, Any]]:
+        if self.zpci.direct:
+            z = self.zpci
+            return [{"iova": z.pba, "size": z.pal - z.pba + 1, "gpa": z.pba - z.sdma,
+                     "writable": True, "direct": True}]
+        return [{"iova": i, "size": n, "gpa": g, "writable": w}
+                for i, n, g, w in self.zpci.shadow.ranges()]
+
+    def zpci_events(self, clear: bool = False) -> list[dict[str, Any]]:
+        events = list(self.zpci.event_log)
+        if clear:
+            self.zpci.event_log.clear()
+        return events
+
+    def inject_error(self, pec: int) -> dict[str, Any]:
+        return self.zpci.inject_error(pec)
+
+    SETTABLE = ("relaxed_translation", "relaxed_alignment", "dma_limit", "maxstbl", "compat",
+                "pchid", "pfgid", "util_str")
+
+    def set_property(self, key: str, value: Any) -> None:
+        """Change a zPCI property; only while no VMM is attached (the guest would notice)."""
+        if self.session is not None:
+            raise RuntimeError("function is attached; detach the VMM first")
+        key = key.replace("-", "_")
+        if key not in self.SETTABLE:
+            raise KeyError(f"property {key!r} cannot be set at run time (settable: {', '.join(self.SETTABLE)})")
+        self.props = attrs.evolve(self.props, **{key: value})
+        self.zpci.props = self.props
+        self.zpci.shadow.limit = self.props.dma_limit
+        self.zpci.reset_all()
 
     def close(self) -> None:
         """Release the function's own resources (the daemon is done with it)."""

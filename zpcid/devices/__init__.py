@@ -17,4 +17,5 @@ def register(name: str):
 
 def load_all() -> None:
     # Imported for their registration side effect.
-    from zpcid.devices import memory  # noqa: F401
+    from zpcid.devices import dma_engine, memory  # noqa: F401
+    from zpcid.devices import virtio_blk  # noqa: F401

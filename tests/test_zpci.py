@@ -1,0 +1,450 @@
+"""zPCI core through the real path: reference client as the VMM, control region
+mailbox, Linux-style translation tables in a memfd, dma-engine doing DMA."""
+
+import os
+import struct
+
+import pytest
+
+from protocol import zpci as Z
+from protocol import zpci_tables as T
+from zpcid import client as vclient
+from zpcid import zpci as Zr
+from zpcid.devices import dma_engine as D
+from zpcid.devices.memory import MemoryFunction
+from zpcid.guest import pte
+from zpcid.zpci_client import ZpciMailbox
+from helpers import serving
+from zpci_env import GUEST_MEM, SDMA, props, zpci_env
+
+PAGE = 4096
+
+
+def engine(**kw):
+    return D.DmaEngine("d0", zpci=props(**kw))
+
+
+async def dma(env, op, src, dst, length, pattern=0):
+    c = env.client
+    await c.region_write(0, D.REG_SRC, struct.pack("<QQIIQ", src, dst, length, op, pattern))
+    await c.region_write(0, D.REG_DOORBELL, struct.pack("<I", 1))
+    status = struct.unpack("<I", await c.region_read(0, D.REG_STATUS, 4))[0]
+    return status
+
+
+def ok(status):
+    return status & D.STATUS_DONE and not status & D.STATUS_ERROR
+
+
+# ---------------------------------------------------------------- CLP data
+
+
+async def test_clp_blocks_describe_the_function(sock_dir):
+    fn = engine(pfgid=0x21, pchid=0x0100, util_str="ZPCID TEST")
+    async with zpci_env(sock_dir, fn, enable=False) as env:
+        box = env.box
+        entry = Z.ClpListEntry.unpack(box.clp_block("list"))
+        assert (entry.vendor_id, entry.device_id) == (D.DEFAULT_VENDOR, D.DEFAULT_DEVICE)
+        assert entry.fid == 0x10 and entry.configured and not entry.fh & Z.FH_MASK_ENABLE
+        q = Z.ClpQueryPciFnResponse.unpack(box.clp_block("query"))
+        assert (q.fid, q.uid, q.pfgid, q.pchid) == (0x10, 0x1234, 0x21, 0x0100)
+        assert q.bar_size[0] == 12 and q.bar_size[2] == 14 and q.bar_size[1] == 0
+        assert q.sdma == SDMA and q.edma == SDMA + GUEST_MEM - 1  # RTR: full aperture
+        assert Z.from_ebcdic(q.util_str) == "ZPCID TEST" and q.flags & Z.CLP_FN_UTIL_STR
+        g = Z.ClpQueryPciFnGrpResponse.unpack(box.clp_block("group"))
+        assert g.flags & Z.CLP_FNGRP_RTR and g.flags & Z.CLP_FNGRP_REFRESH
+        assert g.maxstbl == 128 and g.dtsm == Z.ZPCI_DTSM_RTTO and g.noi == fn.msix.nvec
+        # the same blocks come back through the CLP command
+        req = Z.ClpQueryPciFnGrpRequest(pfgid=0x21).pack()
+        assert await box.clp(req) == box.clp_block("group")
+        bad = await box.clp(Z.ClpQueryPciFnGrpRequest(pfgid=0x22).pack())
+        assert Z.ClpHeader.unpack(bad).code == Z.CLP_RC_QUERYPCIFG_PFGID
+
+
+@pytest.mark.parametrize("compat,explicit,rtr", [(1, None, False), (2, None, True),
+                                                 (1, True, True), (2, False, False)])
+async def test_relaxed_translation_follows_compat(sock_dir, compat, explicit, rtr):
+    fn = engine(compat=compat, relaxed_translation=explicit)
+    async with zpci_env(sock_dir, fn, enable=False) as env:
+        g = Z.ClpQueryPciFnGrpResponse.unpack(env.box.clp_block("group"))
+        assert bool(g.flags & Z.CLP_FNGRP_RTR) is rtr
+        assert bool(env.box.features & Zr.FEAT_RELAXED_TRANSLATION) is rtr
+        q = Z.ClpQueryPciFnResponse.unpack(env.box.clp_block("query"))
+        if not rtr:  # aperture limited to what the DMA limit can map
+            assert q.edma == SDMA + 65535 * PAGE - 1
+
+
+async def test_set_pci_function_enable_disable(sock_dir):
+    async with zpci_env(sock_dir, engine(), enable=False) as env:
+        box = env.box
+        fh0 = box.fh
+        rc, fh = await box.set_pci_fn(fh0, Z.CLP_SET_ENABLE_PCI_FN, ndas=0)
+        assert rc == Z.CLP_RC_SETPCIFN_DMAAS
+        rc, fh = await box.set_pci_fn(fh0 ^ 0x1, Z.CLP_SET_ENABLE_PCI_FN)
+        assert rc == Z.CLP_RC_SETPCIFN_FH
+        rc, fh = await box.set_pci_fn(fh0, Z.CLP_SET_ENABLE_PCI_FN)
+        assert rc == Z.CLP_RC_OK and fh == fh0 | Z.FH_MASK_ENABLE and box.state == Zr.State.ENABLED
+        rc, _ = await box.set_pci_fn(fh, Z.CLP_SET_ENABLE_PCI_FN)
+        assert rc == Z.CLP_RC_SETPCIFN_FHOP
+        assert Z.ClpListEntry.unpack(box.clp_block("list")).fh == fh
+        rc, fh2 = await box.set_pci_fn(fh, Z.CLP_SET_DISABLE_PCI_FN)
+        assert rc == Z.CLP_RC_OK and fh2 == fh0 and box.state == Zr.State.DISABLED
+
+
+async def test_mode_is_fixed_once_memory_is_mapped(sock_dir):
+    async with zpci_env(sock_dir, engine(), mode=Zr.MODE_VMM, enable=False) as env:
+        # guest memory is already DMA-mapped: switching meaning of the keys is refused
+        assert await env.box.set_mode(Zr.MODE_ZPCID) == Zr.MODE_VMM
+        r = await env.box.rpcit(0, PAGE)
+        assert r.result == Zr.RES_WRONG_MODE
+
+
+# ---------------------------------------------------------------- MPCIFC / STPCIFC
+
+
+async def test_register_ioat_checks_and_stpcifc(sock_dir):
+    async with zpci_env(sock_dir, engine()) as env:
+        box = env.box
+        r = await box.mpcifc(Z.ZPCI_MOD_FC_REG_IOAT, env.fib(pba=SDMA - PAGE, pal=SDMA + PAGE, iota=env.tables.iota))
+        assert r.exception == Zr.EXC_OPERAND  # PBA below SDMA
+        r = await box.mpcifc(Z.ZPCI_MOD_FC_REG_IOAT, env.fib(pba=SDMA, pal=SDMA + PAGE, iota=env.tables.iota),
+                             dmaas=1)
+        assert (r.cc, r.status) == (1, Z.ZPCI_MOD_ST_DMAAS_INVAL)
+        r = await box.mpcifc(Z.ZPCI_MOD_FC_REG_IOAT, env.fib(pba=SDMA, pal=SDMA + PAGE,
+                                                             iota=env.tables.root | 0x808))
+        assert r.exception == Zr.EXC_OPERAND  # region-second not offered (dtsm)
+        r = await env.register_ioat()
+        assert (r.cc, r.exception) == (0, 0)
+        r = await env.register_ioat()
+        assert (r.cc, r.status) == (1, Z.ZPCI_MOD_ST_SEQUENCE)
+        s = await box.stpcifc()
+        fib = Z.Fib.unpack(s.fib)
+        assert s.cc == 0 and fib.fc == Z.ZPCI_FIB_FC_ENABLED | Z.ZPCI_FIB_FC_DMAAS_REG
+        assert (fib.pba, fib.pal, fib.iota) == (SDMA, SDMA + (32 << 20) - 1, env.tables.iota)
+        r = await box.mpcifc(Z.ZPCI_MOD_FC_DEREG_IOAT, env.fib())
+        assert r.cc == 0
+        r = await box.mpcifc(Z.ZPCI_MOD_FC_DEREG_IOAT, env.fib())
+        assert (r.cc, r.status) == (1, Z.ZPCI_MOD_ST_SEQUENCE)
+        r = await box.mpcifc(11, env.fib())
+        assert r.exception == Zr.EXC_OPERAND
+        r = await box.mpcifc(Z.ZPCI_MOD_FC_REG_IOAT, env.fib(), fh=box.fh & ~Z.FH_MASK_ENABLE)
+        assert r.cc == Z.ZPCI_PCI_LS_INVAL_HANDLE
+
+
+async def test_disabled_function_answers_cc3(sock_dir):
+    async with zpci_env(sock_dir, engine(), enable=False) as env:
+        r = await env.box.mpcifc(Z.ZPCI_MOD_FC_REG_IOAT, env.fib())
+        assert r.cc == 3
+        s = await env.box.stpcifc()
+        assert s.cc == 0 and Z.Fib.unpack(s.fib).fc == 0
+
+
+# ---------------------------------------------------------------- RPCIT + DMA
+
+
+async def test_rpcit_shadows_guest_tables_and_dma_follows(sock_dir):
+    fn = engine()
+    async with zpci_env(sock_dir, fn) as env:
+        gt, mem = env.tables, env.mem
+        assert (await env.register_ioat()).cc == 0
+        src_gpa, dst_gpa = 0x10_0000, 0x20_0000
+        iova_src, iova_dst = SDMA + 0x40_0000, SDMA + 0x80_0000
+        gt.map(iova_src, src_gpa, 4)
+        gt.map(iova_dst, dst_gpa, 4)
+        payload = os.urandom(3 * PAGE + 100)
+        mem.write(src_gpa, payload)
+        # before RPCIT the IOVAs are not in the shadow: the first DMA faults
+        st = await dma(env, D.OP_COPY, iova_src, iova_dst, len(payload))
+        assert st & D.STATUS_ERROR and (st >> 8) & 0xFF == D.ERR_FAULT
+        assert env.box.state == Zr.State.ERROR
+        ev = env.box.events()
+        assert [(k, p) for k, p, _ in ev] == [(Z.ZPCI_EVENT_ERROR, Z.ZPCI_PEC_TRANSLATION_PROTECTION)]
+        ccdf = Z.ErrorCcdf.unpack(ev[0][2])
+        assert ccdf.faddr == iova_src and ccdf.fid == 0x10 and ccdf.fh == env.box.fh
+        assert vclient.read_eventfd(env.err_fd) == 1
+        # RPCIT while in error: cc 1 status 40; recover like Linux does
+        r = await env.box.rpcit(iova_src, 4 * PAGE)
+        assert (r.cc, r.status) == (1, Z.ZPCI_PCI_ST_FUNC_NOT_AVAIL)
+        assert (await env.box.mpcifc(Z.ZPCI_MOD_FC_RESET_BLOCK, env.fib())).cc == 0
+        assert env.box.state == Zr.State.BLOCKED
+        assert Z.Fib.unpack((await env.box.stpcifc()).fib).fc & Z.ZPCI_FIB_FC_ERROR
+        assert (await env.box.mpcifc(Z.ZPCI_MOD_FC_RESET_ERROR, env.fib())).cc == 0
+        assert env.box.state == Zr.State.ENABLED
+        for iova in (iova_src, iova_dst):
+            r = await env.box.rpcit(iova, 4 * PAGE)
+            assert (r.cc, r.status) == (0, 0)
+        assert fn.zpci.shadow.mapped == 8
+        assert ok(await dma(env, D.OP_COPY, iova_src, iova_dst, len(payload)))
+        assert mem.read(dst_gpa, len(payload)) == payload
+        # CRC and fill through the same translation
+        assert ok(await dma(env, D.OP_CRC32C, iova_dst, 0, len(payload)))
+        import zlib  # noqa: F401  (CRC-32C is not zlib's; compare with our reference)
+        from zpcid.crc32c import crc32c
+        assert struct.unpack("<I", await env.client.region_read(0, D.REG_RESULT, 4))[0] == crc32c(payload)
+        assert ok(await dma(env, D.OP_FILL, 0, iova_dst, 2 * PAGE, 0x1122334455667788))
+        assert mem.read(dst_gpa, 16) == bytes.fromhex("8877665544332211") * 2
+        # the guest unmaps a page and refreshes: DMA to it faults again
+        gt.unmap(iova_dst + PAGE, 1)
+        r = await env.box.rpcit(iova_dst + PAGE, PAGE)
+        assert r.cc == 0 and fn.zpci.shadow.mapped == 7
+        st = await dma(env, D.OP_FILL, 0, iova_dst, 2 * PAGE)
+        assert st & D.STATUS_ERROR
+        assert struct.unpack("<Q", await env.client.region_read(0, D.REG_FAULT_ADDR, 8))[0] == iova_dst
+        assert env.box.state == Zr.State.ERROR
+
+
+async def test_read_only_mapping_protects(sock_dir):
+    fn = engine()
+    async with zpci_env(sock_dir, fn) as env:
+        assert (await env.register_ioat()).cc == 0
+        iova = SDMA + 0x10_0000
+        env.tables.map(iova, 0x30_0000, 1, writable=False)
+        env.tables.map(iova + PAGE, 0x31_0000, 1)
+        assert (await env.box.rpcit(iova, 2 * PAGE)).cc == 0
+        assert ok(await dma(env, D.OP_COPY, iova, iova + PAGE, 64))  # read from RO is fine
+        st = await dma(env, D.OP_COPY, iova + PAGE, iova, 64)
+        assert st & D.STATUS_ERROR
+        assert [p for _, p, _ in env.box.events()] == [Z.ZPCI_PEC_TRANSLATION_PROTECTION]
+
+
+async def test_walk_errors_put_function_in_error_state(sock_dir):
+    async with zpci_env(sock_dir, engine()) as env:
+        assert (await env.register_ioat()).cc == 0
+        iova = SDMA + 0x20_0000
+        env.tables.map(iova, 0x40_0000, 2)
+        env.tables.set_segment_entry(iova, 0)  # a zero entry is an error, not "invalid"
+        r = await env.box.rpcit(iova, 2 * PAGE)
+        assert (r.cc, r.status) == (1, Z.ZPCI_PCI_ST_FUNC_IN_ERR)
+        assert (r.r1 >> 24) & 0xFF == Z.ZPCI_PCI_ST_FUNC_IN_ERR
+        assert env.box.state == Zr.State.ERROR
+        (kind, pec, ccdf), = env.box.events()
+        assert pec == Z.ZPCI_PEC_INVALID_TABLE_ENTRY and Z.ErrorCcdf.unpack(ccdf).faddr == iova
+
+
+async def test_rpcit_outside_aperture_and_without_iota(sock_dir):
+    async with zpci_env(sock_dir, engine()) as env:
+        r = await env.box.rpcit(SDMA, PAGE)
+        assert (r.cc, r.status) == (1, Z.ZPCI_PCI_ST_FUNC_IN_ERR)
+        assert [p for _, p, _ in env.box.events()] == [Z.ZPCI_PEC_INVALID_AS]
+        await env.box.mpcifc(Z.ZPCI_MOD_FC_RESET_ERROR, env.fib())
+        assert (await env.register_ioat(pal=SDMA + (1 << 20) - 1)).cc == 0
+        r = await env.box.rpcit(SDMA + (2 << 20), PAGE)
+        assert (r.cc, r.status) == (1, Z.ZPCI_PCI_ST_FUNC_IN_ERR)
+        assert [p for _, p, _ in env.box.events()] == [Z.ZPCI_PEC_OUT_OF_RANGE]
+
+
+async def test_dma_limit_insufficient_resources_then_global_refresh(sock_dir):
+    fn = engine(dma_limit=16)
+    async with zpci_env(sock_dir, fn) as env:
+        gt = env.tables
+        assert (await env.register_ioat(pal=SDMA + 16 * PAGE * 4 - 1)).cc == 0
+        gt.map(SDMA, 0x10_0000, 12)
+        assert (await env.box.rpcit(SDMA, 12 * PAGE)).cc == 0
+        gt.map(SDMA + 12 * PAGE, 0x20_0000, 8)
+        r = await env.box.rpcit(SDMA + 12 * PAGE, 8 * PAGE)
+        assert (r.cc, r.status) == (1, Z.ZPCI_RPCIT_ST_INSUFF_RES)
+        assert fn.zpci.shadow.mapped == 16 and env.box.state == Zr.State.ENABLED
+        # Linux invalidated some pages lazily; its answer to status 16 is a global refresh
+        gt.unmap(SDMA, 8)
+        r = await env.box.rpcit(SDMA, 64 * PAGE)
+        assert (r.cc, r.status) == (0, 0)
+        assert fn.zpci.shadow.mapped == 12
+        assert ok(await dma(env, D.OP_FILL, 0, SDMA + 19 * PAGE, PAGE, 7))
+
+
+async def test_direct_mapping_under_relaxed_translation(sock_dir):
+    fn = engine()
+    async with zpci_env(sock_dir, fn, tables=False) as env:
+        r = await env.box.mpcifc(Z.ZPCI_MOD_FC_REG_IOAT,
+                                 env.fib(pba=SDMA, pal=SDMA + GUEST_MEM - 1, iota=0))
+        assert (r.cc, r.exception) == (0, 0)
+        assert fn.zpci.direct and fn.zpci.shadow.mapped == 0
+        payload = os.urandom(5 * PAGE)
+        env.mem.write(0x30_0000, payload)
+        assert ok(await dma(env, D.OP_COPY, SDMA + 0x30_0000, SDMA + 0x50_0000, len(payload)))
+        assert env.mem.read(0x50_0000, len(payload)) == payload
+        # Like QEMU: the IOTA Linux registers for an identity domain is 0, and an
+        # RPCIT against it is the "no IOTA" error; direct mapping itself goes on.
+        r = await env.box.rpcit(SDMA, PAGE)
+        assert (r.cc, r.status) == (1, Z.ZPCI_PCI_ST_FUNC_IN_ERR)
+        assert [p for _, p, _ in env.box.events()] == [Z.ZPCI_PEC_INVALID_AS]
+        await env.box.mpcifc(Z.ZPCI_MOD_FC_RESET_ERROR, env.fib())
+        assert fn.zpci.direct
+        # beyond the registered range: out of range
+        st = await dma(env, D.OP_FILL, 0, SDMA + GUEST_MEM, 8)
+        assert st & D.STATUS_ERROR
+        assert [p for _, p, _ in env.box.events()] == [Z.ZPCI_PEC_OUT_OF_RANGE]
+        await env.box.mpcifc(Z.ZPCI_MOD_FC_RESET_ERROR, env.fib())
+        assert (await env.box.mpcifc(Z.ZPCI_MOD_FC_DEREG_IOAT, env.fib())).cc == 0
+        assert not fn.zpci.direct
+        st = await dma(env, D.OP_FILL, 0, SDMA + 0x50_0000, 8)
+        assert st & D.STATUS_ERROR and fn.zpci.state == Zr.State.ENABLED  # no IOAT: no DMA, no event
+
+
+async def test_no_translation_refused_without_rtr(sock_dir):
+    async with zpci_env(sock_dir, engine(compat=1), tables=False) as env:
+        r = await env.box.mpcifc(Z.ZPCI_MOD_FC_REG_IOAT, env.fib(pba=SDMA, pal=SDMA + (1 << 20) - 1, iota=0))
+        assert r.exception == Zr.EXC_OPERAND and not env.function.zpci.ioat
+
+
+# ---------------------------------------------------------------- adapter interrupts
+
+
+async def test_adapter_interrupt_sets_indicator_bits(sock_dir):
+    fn = engine()
+    async with zpci_env(sock_dir, fn, tables=False) as env:
+        aibv, aisb = 0x5000, 0x6000
+        iw = dict(isc=2, noi=4, aibvo=3, sum=1, aisbo=9)
+        r = await env.box.mpcifc(Z.ZPCI_MOD_FC_REG_INT, env.fib(aibv=aibv, aisb=aisb, **iw))
+        assert r.cc == 0
+        r = await env.box.mpcifc(Z.ZPCI_MOD_FC_REG_INT, env.fib(aibv=aibv, aisb=aisb, **iw))
+        assert (r.cc, r.status) == (1, Z.ZPCI_MOD_ST_SEQUENCE)
+        env.mem.write(aibv, b"\x01")  # another vector's bit, must survive
+        await env.box.mpcifc(Z.ZPCI_MOD_FC_REG_IOAT, env.fib(pba=SDMA, pal=SDMA + GUEST_MEM - 1, iota=0))
+        await env.client.region_write(0, D.REG_VECTOR, struct.pack("<I", 2))
+        await env.client.region_write(0, D.REG_CTRL, struct.pack("<I", D.CTRL_IRQ))
+        assert ok(await dma(env, D.OP_FILL, 0, SDMA + 0x10000, 64))
+        # bit AIBVO + 2 = 5 -> byte 0, mask 0x80 >> 5
+        assert env.mem.read(aibv, 1)[0] == 0x01 | (0x80 >> 5)
+        assert env.mem.read(aisb + 1, 1)[0] == 0x80 >> 1  # summary bit 9
+        assert vclient.read_eventfd(env.eventfds[2]) == 1
+        # summary bit still set: the guest will scan, no second interrupt needed
+        assert ok(await dma(env, D.OP_FILL, 0, SDMA + 0x10000, 64))
+        assert vclient.read_eventfd(env.eventfds[2]) == 0
+        env.mem.write(aisb + 1, b"\0")  # guest handled it
+        assert ok(await dma(env, D.OP_FILL, 0, SDMA + 0x10000, 64))
+        assert vclient.read_eventfd(env.eventfds[2]) == 1
+        s = Z.Fib.unpack((await env.box.stpcifc()).fib)
+        assert (s.isc, s.noi, s.aibvo, s.sum, s.aisbo, s.aibv, s.aisb) == (2, 4, 3, 1, 9, aibv, aisb)
+        assert (await env.box.mpcifc(Z.ZPCI_MOD_FC_DEREG_INT, env.fib())).cc == 0
+        env.mem.write(aisb + 1, b"\0")
+        env.mem.write(aibv, b"\0")
+        assert ok(await dma(env, D.OP_FILL, 0, SDMA + 0x10000, 64))
+        assert env.mem.read(aibv, 1) == b"\0"  # deregistered: plain MSI-X
+        assert vclient.read_eventfd(env.eventfds[2]) == 1
+
+
+async def test_adapter_interrupt_indicators_must_be_mapped(sock_dir):
+    async with zpci_env(sock_dir, engine(), tables=False) as env:
+        r = await env.box.mpcifc(Z.ZPCI_MOD_FC_REG_INT,
+                                 env.fib(aibv=GUEST_MEM + PAGE, aisb=0x6000, isc=2, noi=1, sum=1))
+        assert (r.cc, r.status) == (1, Z.ZPCI_MOD_ST_RES_NOT_AVAIL)
+
+
+# ---------------------------------------------------------------- PCISTB / PCILG / PCISTG
+
+
+async def test_pcistb_rules(sock_dir):
+    fn = MemoryFunction("m0", zpci=props())
+    writes = []
+    orig = fn.ram.write
+
+    async def spy(offset, data):  # observe the access size the BAR sees
+        writes.append((offset, len(data)))
+        await orig(offset, data)
+
+    fn.ram.write = spy
+    async with zpci_env(sock_dir, fn, tables=False) as env:
+        box = env.box
+        block = os.urandom(128)
+        r = await box.pcistb(0, 0x100, block, gaddr=0x8000)
+        assert (r.cc, r.exception) == (0, 0)
+        assert writes == [(0x100, 128)] and fn.ram.mm[0x100:0x180] == block
+        assert (await box.pcistb(0, 0x100, os.urandom(136))).exception == Zr.EXC_SPECIFICATION  # > maxstbl
+        assert (await box.pcistb(0, 0x104, block)).exception == Zr.EXC_SPECIFICATION  # unaligned offset
+        assert (await box.pcistb(0, 0x100, block[:12])).exception == Zr.EXC_SPECIFICATION  # not *8
+        assert (await box.pcistb(0, 0x100, block[:8])).exception == Zr.EXC_SPECIFICATION  # <= 8
+        assert (await box.pcistb(0, 0xFC0, block)).exception == Zr.EXC_SPECIFICATION  # crosses 4K
+        assert (await box.pcistb(0, 0x100, block, gaddr=0x8004)).exception == Zr.EXC_SPECIFICATION
+        r = await box.pcistb(1, 0x100, block)
+        assert (r.cc, r.status) == (1, Z.ZPCI_PCI_ST_INVAL_AS)
+        r = await box.pcistb(0, 0x100, block, fh=box.fh & ~Z.FH_MASK_ENABLE)
+        assert r.cc == 3
+
+
+async def test_pcistb_relaxed_alignment(sock_dir):
+    fn = MemoryFunction("m0", zpci=props(relaxed_alignment=True))
+    async with zpci_env(sock_dir, fn, tables=False) as env:
+        g = Z.ClpQueryPciFnGrpResponse.unpack(env.box.clp_block("group"))
+        assert g.flags & Z.CLP_FNGRP_RELAXED_ALIGNMENT
+        data = os.urandom(13)
+        r = await env.box.pcistb(0, 0x203, data, gaddr=0x8001)
+        assert (r.cc, r.exception) == (0, 0) and fn.ram.mm[0x203:0x210] == data
+        # the 4 KiB rule stays
+        assert (await env.box.pcistb(0, 0xFFB, data)).exception == Zr.EXC_SPECIFICATION
+
+
+async def test_pcilg_pcistg_storage_order(sock_dir):
+    fn = MemoryFunction("m0", zpci=props())
+    async with zpci_env(sock_dir, fn, tables=False) as env:
+        box = env.box
+        r = await box.pcilg(15, 0, 2)  # vendor ID from config space
+        assert r.cc == 0 and r.r1 == int.from_bytes((0x1014).to_bytes(2, "little"), "big")
+        r = await box.pcistg(4, 0x08, 4, 0x11223344)  # SCRATCH register in BAR4
+        assert r.cc == 0
+        assert bytes(fn.regs[0x08:0x0C]) == bytes.fromhex("11223344")
+        r = await box.pcilg(4, 0x08, 4)
+        assert r.r1 == 0x11223344
+        assert (await box.pcilg(4, 0x06, 4)).exception == Zr.EXC_OPERAND  # crosses a doubleword
+        assert (await box.pcilg(15, 2, 4)).exception == Zr.EXC_OPERAND  # crosses a word
+        fn.zpci.error(Z.ZPCI_PEC_SYSTEM_ERROR)
+        r = await box.pcilg(4, 0, 4)
+        assert (r.cc, r.status) == (1, Z.ZPCI_PCI_ST_BLOCKED)
+
+
+# ---------------------------------------------------------------- FMB, lifecycle
+
+
+async def test_fmb_counts_refreshes_and_dma(sock_dir):
+    fn = engine()
+    async with zpci_env(sock_dir, fn) as env:
+        fmb = 0x7000
+        assert (await env.box.mpcifc(Z.ZPCI_MOD_FC_SET_MEASURE, env.fib(fmb_addr=fmb + 8))).cc == 1
+        assert [p for _, p, _ in env.box.events()] == [Z.ZPCI_PEC_FMB_PROTECTION]
+        assert (await env.box.mpcifc(Z.ZPCI_MOD_FC_SET_MEASURE, env.fib(fmb_addr=fmb))).cc == 0
+        assert (await env.register_ioat()).cc == 0
+        env.tables.map(SDMA, 0x10_0000, 2)
+        for _ in range(3):
+            assert (await env.box.rpcit(SDMA, 2 * PAGE)).cc == 0
+        assert ok(await dma(env, D.OP_COPY, SDMA, SDMA + PAGE, 1000))
+        block = Z.Fmb.unpack(env.mem.read(fmb, 64))
+        assert block.rpcit_ops == 3 and block.dma_rbytes == 1000 and block.dma_wbytes == 1000
+        assert block.samples >= 4 and not block.last_update & 1
+
+
+async def test_detach_resets_zpci_state(sock_dir):
+    fn = engine()
+    async with zpci_env(sock_dir, fn, tables=False) as env:
+        await env.box.mpcifc(Z.ZPCI_MOD_FC_REG_IOAT, env.fib(pba=SDMA, pal=SDMA + GUEST_MEM - 1, iota=0))
+        path = env.server.path
+        assert fn.zpci.state == Zr.State.ENABLED
+    assert fn.zpci.state == Zr.State.DISABLED and not fn.zpci.ioat and fn.zpci.mode == Zr.MODE_VMM
+
+
+async def test_device_reset_disables_function(sock_dir):
+    fn = engine()
+    async with zpci_env(sock_dir, fn, tables=False) as env:
+        await env.box.mpcifc(Z.ZPCI_MOD_FC_REG_IOAT, env.fib(pba=SDMA, pal=SDMA + GUEST_MEM - 1, iota=0))
+        await env.client.reset()
+        assert env.box.state == Zr.State.DISABLED and not env.box.fh & Z.FH_MASK_ENABLE
+        assert not fn.zpci.ioat and fn.zpci.mode == Zr.MODE_ZPCID  # mode survives a guest reset
+
+
+async def test_vmm_translates_mode_dma_goes_straight(sock_dir):
+    fn = engine()
+    async with zpci_env(sock_dir, fn, mode=Zr.MODE_VMM, tables=False) as env:
+        env.mem.write(0x1000, b"abc" * 100)
+        assert ok(await dma(env, D.OP_COPY, 0x1000, 0x9000, 300))
+        assert env.mem.read(0x9000, 300) == b"abc" * 100
+
+
+async def test_garbage_mailbox_commands_do_not_hurt(sock_dir):
+    async with zpci_env(sock_dir, engine()) as env:
+        r = await env.box.command(99)
+        assert r.result == Zr.RES_BAD_COMMAND
+        junk = await env.box.clp(os.urandom(32))
+        assert Z.ClpHeader.unpack(junk[:16]).code != Z.CLP_RC_OK or len(junk) >= 16
+        # header fields zpcid owns cannot be overwritten through REGION_WRITE
+        await env.client.region_write(env.box.index, Zr.HDR_STATE, b"\xff" * 8, via_mmap=False)
+        assert env.box.state == Zr.State.ENABLED
+        assert (await env.register_ioat()).cc == 0
