@@ -34,4 +34,5 @@ def configure(fmt: str = "auto", level: str = "info", stream=None) -> None:
 
 
 def get(name: str = "zpcid", **kw):
-    return structlog.get_logger(name).bind(**kw)
+    # A lazy proxy: loggers made at import time still follow configure() calls.
+    return structlog.get_logger(name, **kw)

@@ -102,7 +102,7 @@ class DmaEngine(PciFunction):
             raise DescriptorError(f"length {length} not in 1..{self.max_transfer}")
         path = self.dma_path
         if op == OP_COPY:
-            await path.write(dst, await path.read(src, length))
+            await path.copy(dst, src, length)
             return 0
         if op == OP_FILL:
             pat = pattern.to_bytes(8, "little")
