@@ -32,7 +32,9 @@ class Command(enum.IntEnum):
     MIG_DATA_WRITE = 18
 
 
-class Flags(enum.IntFlag):
+class Flags:
+    """Header flag bits (plain ints: IntFlag arithmetic is slow on the hot path)."""
+
     TYPE_MASK = 0xF
     COMMAND = 0x0
     REPLY = 0x1

@@ -16,6 +16,7 @@ from zpcid.endpoint import Endpoint
 from zpcid.transport import SocketTransport, close_fds
 
 REFUSE_TIMEOUT = 2.0
+HANDOVER_TIMEOUT = 0.5
 
 
 class SocketInUse(Exception):
@@ -83,13 +84,9 @@ class FunctionServer:
                 while True:
                     conn, _ = await sock.accept()
                     if self.endpoint is not None:
-                        nursery.start_soon(self._refuse, conn)
+                        nursery.start_soon(self._wait_or_refuse, conn, nursery)
                     else:
-                        self.endpoint = Endpoint(SocketTransport(conn), self.function,
-                                                 name=self.function.name,
-                                                 max_dma_maps=self.function.dma.max_maps)
-                        self._detached = trio.Event()
-                        nursery.start_soon(self._session, self.endpoint)
+                        self._start_session(conn, nursery)
         finally:
             sock.close()
             try:
@@ -100,6 +97,23 @@ class FunctionServer:
             if self.endpoint is None:
                 self._detached.set()
 
+    def _start_session(self, conn, nursery) -> None:
+        self.endpoint = Endpoint(SocketTransport(conn), self.function, name=self.function.name,
+                                 max_dma_maps=self.function.dma.max_maps)
+        self._detached = trio.Event()
+        nursery.start_soon(self._session, self.endpoint)
+
+    async def _wait_or_refuse(self, conn, nursery) -> None:
+        """A VMM that reconnects right after hanging up may beat the old session's
+        teardown: give that a moment before answering EBUSY."""
+        with trio.move_on_after(HANDOVER_TIMEOUT):
+            while self.endpoint is not None:
+                await self._detached.wait()
+        if self.endpoint is None:
+            self._start_session(conn, nursery)
+        else:
+            await self._refuse(conn)
+
     async def _session(self, endpoint: Endpoint) -> None:
         self.function.attach(endpoint)
         self.log.info("attach", socket=self.path)
@@ -107,6 +121,10 @@ class FunctionServer:
             with trio.CancelScope() as scope:
                 self._session_scope = scope
                 await endpoint.run()
+        except Exception:
+            # One client's session failing (a bug, not the client's input) must
+            # not take down the socket for every later client.
+            self.log.exception("session_failed")
         finally:
             self._session_scope = None
             with trio.CancelScope(shield=True):

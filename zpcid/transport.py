@@ -51,6 +51,10 @@ class SocketTransport:
         self.sock = sock
         self._ancbuf = socket.CMSG_SPACE(max_fds * 4)
         self._send_lock = trio.Lock()
+        # One receive buffer for the connection's life: recvmsg() would allocate
+        # (and the allocator mmap/munmap) a 256 KiB object per call.
+        self._rbuf = bytearray(RECV_CHUNK)
+        self._rview = memoryview(self._rbuf)
 
     @classmethod
     async def connect(cls, path: str, max_fds: int = 253) -> "SocketTransport":
@@ -68,11 +72,12 @@ class SocketTransport:
     async def recv(self) -> tuple[bytes, list[int]]:
         """Next chunk of bytes and the fds that came with it; b"" on EOF."""
         try:
-            data, anc, flags, _ = await self.sock.recvmsg(
-                RECV_CHUNK, self._ancbuf, socket.MSG_CMSG_CLOEXEC
+            n, anc, flags, _ = await self.sock.recvmsg_into(
+                [self._rbuf], self._ancbuf, socket.MSG_CMSG_CLOEXEC
             )
         except (ConnectionResetError, BrokenPipeError):
             return b"", []
+        data = self._rview[:n].tobytes()
         fds = _fds_from_ancdata(anc)
         if flags & socket.MSG_CTRUNC:
             close_fds(fds)

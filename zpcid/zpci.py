@@ -182,6 +182,7 @@ class ZpciCore:
         self.mm = self.region.mm
         self.shadow = ShadowIotlb(self.props.dma_limit)
         self.event_log: collections.deque[dict[str, Any]] = collections.deque(maxlen=256)
+        self._clp_key: tuple | None = None
         self.reset_all()
 
     # ------------------------------------------------------------------ lifecycle
@@ -193,6 +194,7 @@ class ZpciCore:
         self.mem_limit = 0
         self._clear_registrations()
         self.mm[:] = bytes(REGION_SIZE)
+        self._clp_key = None
         struct.pack_into("<IHHQ", self.mm, HDR_MAGIC, MAGIC, ABI_MAJOR, ABI_MINOR, self.features)
         struct.pack_into("<I", self.mm, HDR_REGION_SIZE, REGION_SIZE)
         struct.pack_into("<6I", self.mm, HDR_OFFSETS, CLP_LIST_ENTRY, CLP_QUERY_FN, CLP_QUERY_GRP,
@@ -295,6 +297,14 @@ class ZpciCore:
         struct.pack_into("<IIIIIIII", mm, HDR_STATE, self.state, self.fh, self.props.fid,
                          self.props.uid, (1 if self.ioat else 0) | (2 if self.direct else 0),
                          self.shadow.mapped, self.shadow.available, self.events_lost)
+        # The CLP blocks change only with the handle, configuration state, BARs,
+        # aperture or properties: rebuild them only then (publish runs per intercept).
+        cfg = self.function.config
+        key = (self.fh, self.state, self.mem_limit, bytes(cfg.data[0x10:0x28]), self.props,
+               self.function.msix.nvec if self.function.msix else 0)
+        if key == self._clp_key:
+            return
+        self._clp_key = key
         mm[CLP_LIST_ENTRY : CLP_LIST_ENTRY + 16] = self.list_entry().pack()
         q = self.query_fn().pack()
         mm[CLP_QUERY_FN : CLP_QUERY_FN + len(q)] = q
