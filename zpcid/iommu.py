@@ -7,8 +7,10 @@ and brings a ``ShadowIotlb`` up to date.  The walk is vectorised with numpy:
 whole segment tables and batches of page tables are read as big-endian u64
 arrays and compared with the shadow a segment table (up to 2 GiB) at a time.
 
-Decisions where QEMU and the architecture documents leave room are marked
-"Decision:" below; docs/zpci-architecture.md §5 has the background.
+Choices where QEMU and the architecture digest (§5) leave room are marked
+"Decision:" below.  One applies throughout: only an all-zero entry is an
+invalid-table-entry error; a valid entry whose next-table origin or frame
+address is 0 is followed (QEMU reports those as a table-type error).
 """
 
 from __future__ import annotations
@@ -251,7 +253,9 @@ class ShadowIotlb:
 
         Entries outside [lo, hi) in the first and last row keep their value.
         New mappings beyond the DMA limit are skipped in IOVA order, after
-        this batch's unmaps have freed their units.  Returns (mapped,
+        this batch's unmaps have freed their units.  Decision: a changed
+        mapping costs no unit and is always applied (QEMU skips it when the
+        counter is 0, leaving a stale translation).  Returns (mapped,
         unmapped, changed, skipped).
         """
         rows = new.shape[0]
@@ -385,8 +389,8 @@ class _Stop(Exception):
 def _read_entries(mem: GuestMemory, addr: int, count: int) -> np.ndarray:
     """``count`` big-endian u64 table entries at ``addr`` as native uint64.
 
-    Entries outside guest memory read as 0, like QEMU's loads from unassigned
-    memory, so they surface as PEC 0x07 (invalid table entry).
+    Decision: entries outside guest memory read as 0, like QEMU's loads
+    from unassigned memory, so they surface as PEC 0x07 (invalid table entry).
     """
     out = np.zeros(count, np.uint64)
     n = min(count * 8, max(0, (1 << 64) - addr) & ~7)  # never past the 64-bit space
@@ -459,6 +463,8 @@ class _Walk:
         self.hi = hi
         self.mapped = self.unmapped = self.changed = self.skipped = 0
         self.pages = 0
+        self.content = 0  # tables seen holding at least one valid leaf entry
+        self.empty: set[tuple[int, int]] = set()  # (level, origin) of tables without any
         self.truncated = False
         self.error: TranslationError | None = None
 
@@ -485,9 +491,23 @@ class _Walk:
     # --------------------------------------------------------------- levels
     def table(self, origin: int, level: int, prot: bool, lo: int, hi: int) -> None:
         """Process [lo, hi), which lies within the span of one table at ``level``."""
+        key = (level, origin)
+        if key in self.empty:
+            self.unmap(lo, hi)
+            return
+        full = hi - lo == 1 << (T.LEVEL_SHIFT[level] + T.ZPCI_TABLE_BITS)
+        content = self.content
         if level == T.LEVEL_SEGMENT:
             self.segment_table(origin, prot, lo, hi)
-            return
+        else:
+            self.region_table(origin, level, prot, lo, hi)
+        if full and self.content == content:
+            # A whole table (and everything below it) without a valid leaf
+            # and without an error: later entries pointing at it again in
+            # this pass only unmap.  Keeps aliased tables from a guest cheap.
+            self.empty.add(key)
+
+    def region_table(self, origin: int, level: int, prot: bool, lo: int, hi: int) -> None:
         shift = T.LEVEL_SHIFT[level]
         i0 = (lo >> shift) & T.ZPCI_INDEX_MASK
         n = (((hi - 1) >> shift) & T.ZPCI_INDEX_MASK) - i0 + 1
@@ -543,34 +563,39 @@ class _Walk:
                      (T.ZPCI_PEC_TABLE_TYPE, end, f"segment entry {int(ste[m]):#x}: table type"))
         ok = ok[:m]
         ste = ste[:m]
-        if not ok.any():
-            self.unmap(lo, end)
-        else:
-            sprot = ((ste & _N_PROT) != 0) | prot
-            fc = ok & ((ste & _N_FC) != 0)
-            pt = ok & ~fc
-            new = np.zeros((m, SEG_PAGES), np.uint64)
-            if pt.any():
-                pt_rows = np.flatnonzero(pt)
-                ptos = ste[pt_rows] & _N_STE_ADDR
-                uniq, inverse = np.unique(ptos, return_inverse=True)
-                ptes_u = _gather_page_tables(self.mem, uniq)
-                zerr_u = ptes_u == 0
-                if zerr_u.any():
-                    pte_err = self._first_zero_pte(zerr_u, inverse, pt_rows, s0, lo, hi)
-                    if pte_err is not None and pte_err < end:
-                        end = pte_err
-                        error = (T.ZPCI_PEC_INVALID_TABLE_ENTRY, pte_err, "zero page-table entry")
+        sprot = ((ste & _N_PROT) != 0) | prot
+        fc = ok & ((ste & _N_FC) != 0)
+        pt = ok & ~fc
+        pt_vals = None
+        if pt.any():
+            pt_rows = np.flatnonzero(pt)
+            # Page tables shared by several segment entries are read and checked once.
+            uniq, inverse = np.unique(ste[pt_rows] & _N_STE_ADDR, return_inverse=True)
+            ptes_u = _gather_page_tables(self.mem, uniq)
+            zerr_u = ptes_u == 0
+            if zerr_u.any():
+                pte_err = self._first_zero_pte(zerr_u, inverse, pt_rows, s0, lo, hi)
+                if pte_err is not None and pte_err < end:
+                    end = pte_err
+                    error = (T.ZPCI_PEC_INVALID_TABLE_ENTRY, pte_err, "zero page-table entry")
+            if ((ptes_u & _N_PTE_INVALID) == 0).any():
                 ptes = ptes_u[inverse]
                 pprot = ((ptes & _N_PROT) != 0) | sprot[pt_rows][:, None]
-                vals = (ptes & _N_PTE_ADDR) | np.where(pprot, _SH_VALID, _SH_RW)
-                vals[(ptes & _N_PTE_INVALID) != 0] = 0
-                new[pt_rows] = vals
-            if fc.any():
-                fc_rows = np.flatnonzero(fc)
-                frames = (ste[fc_rows] & _N_SFAA) | np.where(sprot[fc_rows], _SH_VALID, _SH_RW)
-                new[fc_rows] = frames[:, None] + _PAGE_OFFSETS
-            if end > lo:
+                pt_vals = (ptes & _N_PTE_ADDR) | np.where(pprot, _SH_VALID, _SH_RW)
+                pt_vals[(ptes & _N_PTE_INVALID) != 0] = 0
+        if end > lo:
+            if pt_vals is None and not fc.any():
+                # Nothing valid below this table: the range only unmaps.
+                self.unmap(lo, end)
+            else:
+                self.content += 1
+                new = np.zeros((m, SEG_PAGES), np.uint64)
+                if pt_vals is not None:
+                    new[pt_rows] = pt_vals
+                if fc.any():
+                    fc_rows = np.flatnonzero(fc)
+                    frames = (ste[fc_rows] & _N_SFAA) | np.where(sprot[fc_rows], _SH_VALID, _SH_RW)
+                    new[fc_rows] = frames[:, None] + _PAGE_OFFSETS
                 rows = ((end - 1) >> T.ZPCI_ST_SHIFT) - s0 + 1
                 mp, um, ch, sk = self.shadow.apply_rows(s0, new[:rows], lo, end)
                 self.mapped += mp
@@ -626,9 +651,9 @@ def rpcit(shadow: ShadowIotlb, mem: GuestMemory, iota: int, pba: int, pal: int,
         return res
     end = min(start + length, 1 << 64)
     last = start + max(length, 1) - 1
-    # QEMU refuses only a range entirely outside [PBA, PAL]; pages of a
-    # partly overlapping range that lie outside are not shadowed (DMA there
-    # faults with PEC 0x02 anyway, so they would only waste DMA-limit units).
+    # QEMU refuses only a range entirely outside [PBA, PAL].  Decision: pages
+    # of a partly overlapping range that lie outside are not shadowed (DMA
+    # there faults with PEC 0x02 anyway; they would only use DMA-limit units).
     if last < pba or start > pal:
         res.error = TranslationError(T.ZPCI_PEC_OUT_OF_RANGE, start, "range outside [PBA, PAL]")
         return res

@@ -660,11 +660,13 @@ class ZpciCore:
         if self.direct:
             self._count("rpcit")
             return Outcome(r1=r1)  # nothing to shadow: every IOVA is already mapped
-        end = start + length
-        if length == 0 or end - 1 < self.pba or start > self.pal:
+        if length == 0 and self.pba <= start <= self.pal:
+            self._count("rpcit")
+            return Outcome(r1=r1)  # nothing to refresh (QEMU answers cc 0 as well)
+        if length == 0 or start + length - 1 < self.pba or start > self.pal:
             return self._rpcit_error(r1, Z.ZPCI_PEC_OUT_OF_RANGE, start, "range outside PBA-PAL")
-        lo, hi = max(start, self.pba), min(end, self.pal + 1)
-        result = walk_rpcit(self.shadow, self.function.dma, self.iota, self.pba, self.pal, lo, hi - lo)
+        # The walker clips to [PBA, PAL] itself and reports failures from ``start`` on.
+        result = walk_rpcit(self.shadow, self.function.dma, self.iota, self.pba, self.pal, start, length)
         c = self.function.counters
         c.pages_mapped += result.mapped + result.changed
         c.pages_unmapped += result.unmapped
