@@ -186,8 +186,11 @@ class DmaEngine(PciFunction):
             try:
                 await path.write(addr + 24, struct.pack("<II", result, DESC_ST_OK if not err else DESC_ST_ERROR | err))
             except DmaFault as exc:
-                self._set("<Q", REG_FAULT_ADDR, exc.addr)
-                err = ERR_FAULT
+                # After a fault the function may be in the zPCI error state, so the
+                # write-back fails too: keep the first fault as the one reported.
+                if not err:
+                    self._set("<Q", REG_FAULT_ADDR, exc.addr)
+                    err = ERR_FAULT
             head = (head + 1) & 0xFFFFFFFF
             self._set("<I", REG_RING_HEAD, head)
             irq |= bool(flags & DESC_F_IRQ)
