@@ -278,7 +278,7 @@ async def bench_mapping_paths(path: str, rep: Report, quick: bool) -> float:
         waiters = [await c.dma_map_nowait(SDMA + i * PAGE, PAGE, vmm.mem.fd, 0x100_0000 + (i % 1024) * PAGE)
                    for i in range(burst)]
         for w in waiters:
-            await w[0].wait()
+            await c.wait_reply(w)
         map_rate = burst / (time.perf_counter() - t)
         t = time.perf_counter()
         for i in range(burst):
