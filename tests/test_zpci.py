@@ -448,3 +448,23 @@ async def test_garbage_mailbox_commands_do_not_hurt(sock_dir):
         await env.client.region_write(env.box.index, Zr.HDR_STATE, b"\xff" * 8, via_mmap=False)
         assert env.box.state == Zr.State.ENABLED
         assert (await env.register_ioat()).cc == 0
+
+
+async def test_release_request_queues_availability_event(sock_dir):
+    import trio
+
+    fn = engine()
+    async with zpci_env(sock_dir, fn, tables=False) as env:
+        req = await env.client.enable_irq_eventfds(4, 1)  # REQ
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(env.server.request_release, 0.2)
+                await vclient.wait_eventfd(req[0])
+                (kind, pec, ccdf), = env.box.events()
+                assert (kind, pec) == (Z.ZPCI_EVENT_AVAILABILITY, Z.ZPCI_PEC_AVAIL_DECONFIG_REQUESTED)
+                assert Z.AvailabilityCcdf.unpack(ccdf).fid == 0x10
+                assert vclient.read_eventfd(env.err_fd) == 1
+        finally:
+            os.close(req[0])
+    # the VMM did not let go: the release was forced and the function reset
+    assert not env.server.attached and fn.zpci.state == Zr.State.DISABLED

@@ -161,6 +161,9 @@ class FunctionServer:
         """
         if self.endpoint is None:
             return True
+        # zPCI: the guest learns through a "deconfiguration requested" event;
+        # vfio-user: the VMM through its REQ eventfd.
+        self.function.zpci.availability(0x0303, "removal requested")
         self.function.irqs.signal(C.VFIO_PCI_REQ_IRQ_INDEX)
         self.log.info("release_requested", timeout=timeout)
         with trio.move_on_after(timeout):

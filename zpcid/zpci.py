@@ -355,7 +355,8 @@ class ZpciCore:
             self.mm[slot + 16 : slot + 48] = ccdf
             self.events_produced += 1
             struct.pack_into("<I", self.mm, EVENTS + EV_PRODUCER, self.events_produced)
-        self.function.counters.errors[f"pec_{pec:#04x}"] += kind == Z.ZPCI_EVENT_ERROR
+        if kind == Z.ZPCI_EVENT_ERROR:
+            self.function.counters.errors[f"pec_{pec:#04x}"] += 1
         self.log.warning("zpci_event", pec=hex(pec), faddr=hex(faddr), reason=reason,
                          kind=entry["type"])
         from protocol import consts as C
@@ -368,6 +369,10 @@ class ZpciCore:
             self.state = State.ERROR
             self.log.warning("zpci_state", state=self.state.name)
         self._event(Z.ZPCI_EVENT_ERROR, pec, faddr, reason=reason)
+
+    def availability(self, pec: int, reason: str = "") -> None:
+        """Queue an availability event (e.g. 0x0303: deconfiguration requested)."""
+        self._event(Z.ZPCI_EVENT_AVAILABILITY, pec, reason=reason)
 
     def inject_error(self, pec: int = Z.ZPCI_PEC_SYSTEM_ERROR) -> dict[str, Any]:
         self.error(pec, 0, "injected")
