@@ -40,7 +40,11 @@ async def reg(vmm, off, fmt="<I"):
 async def run(vmm, **values):
     await regs(vmm, **values)
     await vmm.client.region_write(0, D.REG_DOORBELL, b"\1\0\0\0")
-    return await reg(vmm, D.REG_STATUS)
+    return await D.Driver(vmm.client).wait()
+
+
+async def tail(vmm, value):
+    return await D.Driver(vmm.client).submit(value)
 
 
 def error_of(status):
@@ -126,9 +130,8 @@ async def test_descriptor_ring_batch_wraps_and_interrupts(sock_dir):
                     vmm.mem.write(ring + (idx % size) * 32,
                                   desc(D.OP_COPY, PAGE, SDMA + src, SDMA + dst, D.DESC_F_IRQ if i == 2 else 0))
                 head += 3
-                await vmm.client.region_write(0, D.REG_RING_TAIL, struct.pack("<I", head))
+                assert error_of(await tail(vmm, head)) == 0
                 assert await reg(vmm, D.REG_RING_HEAD) == head
-                assert error_of(await reg(vmm, D.REG_STATUS)) == 0
                 assert vclient.read_eventfd(vmm.msix_fds[3]) == 1
             for dst, data in expected.items():
                 assert vmm.mem.read(dst, PAGE) == data
@@ -141,19 +144,16 @@ async def test_ring_errors(sock_dir):
         async with attach(srv.path, guest_memory=MEM) as vmm:
             await direct(vmm)
             await regs(vmm, ring_base=SDMA + 0x8000, ring_size=3)  # not a power of two
-            await vmm.client.region_write(0, D.REG_RING_TAIL, struct.pack("<I", 1))
-            assert error_of(await reg(vmm, D.REG_STATUS)) == D.ERR_RING
+            assert error_of(await tail(vmm, 1)) == D.ERR_RING
             await regs(vmm, ring_size=4)
             # tail more than a ring ahead of head: descriptors would be overwritten
-            await vmm.client.region_write(0, D.REG_RING_TAIL, struct.pack("<I", 5))
-            assert error_of(await reg(vmm, D.REG_STATUS)) == D.ERR_RING
+            assert error_of(await tail(vmm, 5)) == D.ERR_RING
             assert await reg(vmm, D.REG_RING_HEAD) == 0
             # a descriptor pointing outside the aperture stops the batch there
             vmm.mem.write(0x8000, desc(D.OP_FILL, 64, 0, SDMA + 0x20_0000))
             vmm.mem.write(0x8020, desc(D.OP_FILL, 64, 0, SDMA + MEM + PAGE))
             vmm.mem.write(0x8040, desc(D.OP_FILL, 64, 0, SDMA + 0x20_0000))
-            await vmm.client.region_write(0, D.REG_RING_TAIL, struct.pack("<I", 3))
-            assert error_of(await reg(vmm, D.REG_STATUS)) == D.ERR_FAULT
+            assert error_of(await tail(vmm, 3)) == D.ERR_FAULT
             assert await reg(vmm, D.REG_RING_HEAD) == 2
             assert await reg(vmm, D.REG_FAULT_ADDR, "<Q") == SDMA + MEM + PAGE
             # the first descriptor completed and was written back; the failing one
@@ -165,8 +165,7 @@ async def test_ring_errors(sock_dir):
             # a ring itself outside guest memory
             await vmm.box.mpcifc(Z.ZPCI_MOD_FC_RESET_ERROR, vmm.fib())
             await regs(vmm, ring_base=SDMA + MEM + 0x1000)
-            await vmm.client.region_write(0, D.REG_RING_TAIL, struct.pack("<I", 3))
-            assert error_of(await reg(vmm, D.REG_STATUS)) == D.ERR_FAULT
+            assert error_of(await tail(vmm, 3)) == D.ERR_FAULT
 
 
 async def test_vmm_translates_mode_message_dma(sock_dir):
@@ -176,9 +175,7 @@ async def test_vmm_translates_mode_message_dma(sock_dir):
             await c.region_write(7, 4, b"\x06\x00")
             buf = bytearray(os.urandom(2 * PAGE))
             await c.dma_map(0x100000, len(buf), buf=buf)
-            await c.region_write(0, D.REG_SRC, struct.pack("<QQII", 0x100000, 0x100000 + PAGE, 100, D.OP_COPY))
-            await c.region_write(0, D.REG_DOORBELL, b"\1\0\0\0")
-            st = struct.unpack("<I", await c.region_read(0, D.REG_STATUS, 4))[0]
+            st = await D.Driver(c).run(D.OP_COPY, 0x100000, 0x100000 + PAGE, 100)
             assert error_of(st) == 0 and buf[PAGE : PAGE + 100] == buf[:100]
             assert c.dma_requests >= 2
 

@@ -25,11 +25,7 @@ def engine(**kw):
 
 
 async def dma(env, op, src, dst, length, pattern=0):
-    c = env.client
-    await c.region_write(0, D.REG_SRC, struct.pack("<QQIIQ", src, dst, length, op, pattern))
-    await c.region_write(0, D.REG_DOORBELL, struct.pack("<I", 1))
-    status = struct.unpack("<I", await c.region_read(0, D.REG_STATUS, 4))[0]
-    return status
+    return await D.Driver(env.client).run(op, src, dst, length, pattern)
 
 
 def ok(status):

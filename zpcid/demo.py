@@ -57,10 +57,7 @@ class Steps:
 
 
 async def _dma(vmm, op, src, dst, length, pattern=0) -> tuple[bool, int]:
-    c = vmm.client
-    await c.region_write(0, D.REG_SRC, struct.pack("<QQIIQ", src, dst, length, op, pattern))
-    await c.region_write(0, D.REG_DOORBELL, struct.pack("<I", 1))
-    st = struct.unpack("<I", await c.region_read(0, D.REG_STATUS, 4))[0]
+    st = await D.Driver(vmm.client).run(op, src, dst, length, pattern)
     return bool(st & D.STATUS_DONE and not st & D.STATUS_ERROR), st
 
 

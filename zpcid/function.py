@@ -6,6 +6,7 @@ import collections
 from typing import Any, Sequence
 
 import attrs
+import trio
 
 from protocol import consts as C
 from protocol.messages import IrqSet
@@ -59,6 +60,11 @@ class PciFunction:
         self.dma = DmaSpace(max_dma_maps)
         self.session: Session | None = None
         self.attaches = 0
+        # Session-scoped nursery (set by the server): device work that may wait on
+        # the client must not run inside a register access, because QEMU serves
+        # DMA_READ/DMA_WRITE under the lock its vCPU holds while it waits for
+        # our reply to that access.
+        self.tasks: trio.Nursery | None = None
         # Every function is a zPCI function: the control region (index 9) carries
         # CLP data, the instruction mailbox and the event ring.
         from zpcid.zpci import ZPCI_REGION_INDEX, ZpciCore, ZpciDmaPath
@@ -90,6 +96,20 @@ class PciFunction:
         if index < C.VFIO_PCI_NUM_REGIONS:
             raise ValueError("device-specific regions start at index 9")
         self.regions[index] = region
+
+    async def defer(self, async_fn, *args) -> None:
+        """Run device work after the current message is answered (inline without a session)."""
+        if self.tasks is None:
+            await self._guarded(async_fn, *args)
+        else:
+            self.tasks.start_soon(self._guarded, async_fn, *args)
+
+    async def _guarded(self, async_fn, *args) -> None:
+        try:
+            await async_fn(*args)
+        except Exception:  # a device bug must not end the client's session
+            self.log.exception("device_task_failed")
+            self.counters.errors["device_task"] += 1
 
     # ------------------------------------------------------------------ lifecycle
     def attach(self, session: Session) -> None:

@@ -120,13 +120,19 @@ class FunctionServer:
         try:
             with trio.CancelScope() as scope:
                 self._session_scope = scope
-                await endpoint.run()
+                async with trio.open_nursery() as tasks:
+                    # Device work deferred past register accesses lives and dies
+                    # with the session, before the DMA maps are torn down.
+                    self.function.tasks = tasks
+                    await endpoint.run()
+                    tasks.cancel_scope.cancel()
         except Exception:
             # One client's session failing (a bug, not the client's input) must
             # not take down the socket for every later client.
             self.log.exception("session_failed")
         finally:
             self._session_scope = None
+            self.function.tasks = None
             with trio.CancelScope(shield=True):
                 self.function.detach()
             self.endpoint = None

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import struct
 
+import trio
+
 from zpcid.crc32c import crc32c
 from zpcid.devices import register
 from zpcid.dma import DmaFault
@@ -61,6 +63,7 @@ class DmaEngine(PciFunction):
         self.add_bar(0, bar)
         self.add_msix_bar(2)
         self.regs = bytearray(REGS_SIZE)
+        self._lock = trio.Lock()
         self.reset_state()
 
     # ------------------------------------------------------------------ registers
@@ -84,16 +87,24 @@ class DmaEngine(PciFunction):
                  (REG_VECTOR, REG_VECTOR + 4), (REG_RING_BASE, REG_RING_SIZE + 4)]
 
     async def _write(self, offset: int, data: bytes) -> None:
+        # Doorbells only start the work: it runs after the write is answered
+        # (STATUS says busy until then), in submission order.
         if offset == REG_DOORBELL and len(data) == 4:
-            await self._run_registers()
+            self._set("<I", REG_STATUS, STATUS_BUSY)
+            await self.defer(self._serialized, self._run_registers)
             return
         if offset == REG_RING_TAIL and len(data) == 4:
-            await self._run_ring(int.from_bytes(data, "little"))
+            self._set("<I", REG_STATUS, STATUS_BUSY)
+            await self.defer(self._serialized, self._run_ring, int.from_bytes(data, "little"))
             return
         for i, b in enumerate(data):
             o = offset + i
             if any(lo <= o < hi for lo, hi in self._WRITABLE):
                 self.regs[o] = b
+
+    async def _serialized(self, fn, *args) -> None:
+        async with self._lock:
+            await fn(*args)
 
     # ------------------------------------------------------------------ operations
     async def execute(self, op: int, src: int, dst: int, length: int, pattern: int) -> int:
@@ -205,3 +216,38 @@ class DmaEngine(PciFunction):
 @register("dma-engine")
 def make(name: str, **options) -> DmaEngine:
     return DmaEngine(name, **options)
+
+
+class Driver:
+    """Guest-side driver for the register interface (demo, benchmarks, tests)."""
+
+    def __init__(self, client, bar: int = 0):
+        self.client, self.bar = client, bar
+
+    async def reg(self, offset: int, fmt: str = "<I") -> int:
+        return struct.unpack(fmt, await self.client.region_read(self.bar, offset, struct.calcsize(fmt)))[0]
+
+    async def wait(self, timeout: float = 10.0) -> int:
+        """STATUS once the engine is idle."""
+        with trio.fail_after(timeout):
+            while True:
+                st = await self.reg(REG_STATUS)
+                if not st & STATUS_BUSY:
+                    return st
+                await trio.sleep(0)
+
+    async def run(self, op: int, src: int = 0, dst: int = 0, length: int = 0, pattern: int = 0) -> int:
+        """Program one operation, ring the doorbell, return STATUS when done."""
+        await self.client.region_write(self.bar, REG_SRC, struct.pack("<QQIIQ", src, dst, length, op, pattern))
+        await self.client.region_write(self.bar, REG_DOORBELL, b"\1\0\0\0")
+        return await self.wait()
+
+    async def submit(self, tail: int) -> int:
+        """Ring the descriptor-ring doorbell; STATUS when the batch is done."""
+        await self.client.region_write(self.bar, REG_RING_TAIL, struct.pack("<I", tail))
+        return await self.wait()
+
+
+def status_error(status: int) -> int:
+    """The error code of a STATUS value (0 = completed fine)."""
+    return (status >> 8) & 0xFF if status & STATUS_ERROR else 0

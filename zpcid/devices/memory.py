@@ -12,7 +12,7 @@ BAR4  registers (trapped), little-endian:
   0x20 DMA_ADDR   RW  64-bit bus address
   0x28 DMA_LEN    RW
   0x2c DMA_CMD    WO  1: RAM[0:len] -> DMA_ADDR, 2: DMA_ADDR -> RAM[0:len]
-  0x30 DMA_STATUS RO  0 ok, 1 fault
+  0x30 DMA_STATUS RO  0 ok, 1 fault, 2 busy (the copy runs after the write is answered)
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ MAGIC = 0x7A706369
 REG_MAGIC, REG_VERSION, REG_SCRATCH, REG_DOORBELL, REG_RINGS = 0x00, 0x04, 0x08, 0x0C, 0x10
 REG_RAM_SIZE, REG_DMA_ADDR, REG_DMA_LEN, REG_DMA_CMD, REG_DMA_STATUS = 0x18, 0x20, 0x28, 0x2C, 0x30
 DMA_CMD_TO_HOST, DMA_CMD_FROM_HOST = 1, 2
+DMA_STATUS_OK, DMA_STATUS_FAULT, DMA_STATUS_BUSY = 0, 1, 2
 
 DEFAULT_VENDOR = 0x1014  # test IDs, documented in docs/configuration.md
 DEFAULT_DEVICE = 0xFE00
@@ -54,6 +55,7 @@ class MemoryFunction(PciFunction):
     def reset_state(self) -> None:
         super().reset_state()
         if hasattr(self, "regs"):
+            self.rings = 0
             self.regs[:] = bytes(0x40)
             struct.pack_into("<II", self.regs, REG_MAGIC, MAGIC, 1)
             struct.pack_into("<Q", self.regs, REG_RAM_SIZE, self.ram.size)
@@ -73,7 +75,8 @@ class MemoryFunction(PciFunction):
                 self.msix.fire(vector)
             return
         if offset == REG_DMA_CMD and len(data) == 4:
-            await self._dma(int.from_bytes(data, "little"))
+            struct.pack_into("<I", self.regs, REG_DMA_STATUS, DMA_STATUS_BUSY)
+            await self.defer(self._dma, int.from_bytes(data, "little"))
             return
         for i, b in enumerate(data):
             o = offset + i
@@ -87,10 +90,11 @@ class MemoryFunction(PciFunction):
         length = min(length, self.ram.size)
         status = 0
         try:
+            # Through dma_path, so a zPCI IOMMU in front of the client's map applies.
             if cmd == DMA_CMD_TO_HOST:
-                await self.dma.write(addr, self.ram.mm[:length])
+                await self.dma_path.write(addr, self.ram.mm[:length])
             elif cmd == DMA_CMD_FROM_HOST:
-                self.ram.mm[:length] = await self.dma.read(addr, length)
+                self.ram.mm[:length] = await self.dma_path.read(addr, length)
             else:
                 status = 1
         except DmaFault as exc:
