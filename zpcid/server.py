@@ -170,7 +170,8 @@ class FunctionServer:
         # zPCI: the guest learns through a "deconfiguration requested" event;
         # vfio-user: the VMM through its REQ eventfd.
         self.function.zpci.availability(0x0303, "removal requested")
-        self.function.irqs.signal(C.VFIO_PCI_REQ_IRQ_INDEX)
+        if not self.function.irqs.signal(C.VFIO_PCI_REQ_IRQ_INDEX):
+            timeout = 0  # the VMM installed no REQ eventfd: nobody would hear the request
         self.log.info("release_requested", timeout=timeout)
         with trio.move_on_after(timeout):
             await self._detached.wait()
