@@ -188,6 +188,8 @@ class ZpciCore:
     # ------------------------------------------------------------------ lifecycle
     def reset_all(self) -> None:
         """Back to power-on: configured but disabled, nothing registered."""
+        if self.mm.closed:
+            return  # the function was closed (daemon done with it); nothing to show any more
         self.state = State.DISABLED
         self.fh = self.index | FH_SHM_ZPCID
         self.mode = MODE_VMM
@@ -292,6 +294,8 @@ class ZpciCore:
     def publish(self) -> None:
         """Refresh everything read-only the VMM reads from the region."""
         mm = self.mm
+        if mm.closed:
+            return
         struct.pack_into("<I", mm, HDR_MODE, self.mode)
         struct.pack_into("<Q", mm, HDR_MEM_LIMIT, self.mem_limit)
         struct.pack_into("<IIIIIIII", mm, HDR_STATE, self.state, self.fh, self.props.fid,

@@ -1,0 +1,572 @@
+"""virtio-blk through the real path: FunctionServer on a Unix socket, the reference
+client as VMM, memfd (or message-mode) guest memory, tests/virtio_driver.py as guest."""
+
+from __future__ import annotations
+
+import os
+import struct
+
+import pytest
+import trio
+
+from helpers import serving
+from virtio_driver import (NEEDS_RESET, S_IOERR, S_OK, S_UNSUPP, T_DISCARD, T_FLUSH, T_GET_ID, T_IN,
+                           T_OUT, T_WRITE_ZEROES, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT,
+                           VRING_DESC_F_WRITE, WAIT, DriverError, blk_guest, hdr, raw_chain,
+                           wait_status)
+from zpcid import client as zclient
+from zpcid.client import read_eventfd, wait_eventfd
+from zpcid.devices import TYPES, load_all
+from zpcid.devices.virtio_blk import VirtioBlkFunction
+from zpcid.pci import PCI_CAP_ID_MSIX, PCI_CAP_ID_VNDR
+from zpcid.virtio import pci as vp
+from zpcid.virtio.driver import GuestMemory, open_blk
+
+MiB = 1 << 20
+
+
+def pattern(seed: int, n: int) -> bytes:
+    block = bytes((seed * 31 + i * 7) & 0xFF for i in range(4096))
+    return (block * (n // 4096 + 1))[:n]
+
+
+def host_read(path, offset: int, n: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read(n)
+
+
+@pytest.fixture
+def disk(tmp_path):
+    return str(tmp_path / "disk.img")
+
+
+# ---------------------------------------------------------------------- identity
+
+
+async def test_pci_identity_capabilities_and_config(disk, sock_dir):
+    fn = VirtioBlkFunction("vb0", path=disk, size="4M", num_queues=3, queue_size=128,
+                           serial="zpcid-serial")
+    async with serving(fn, sock_dir) as server:
+        async with zclient.connect(server.path) as c:
+            cfg = await c.region_read(7, 0, 256)
+            vendor, device = struct.unpack_from("<HH", cfg, 0)
+            assert (vendor, device) == (0x1AF4, 0x1042)
+            assert cfg[8] >= 1  # revision: non-transitional
+            assert int.from_bytes(cfg[9:12], "little") == 0x010000
+            assert struct.unpack_from("<HH", cfg, 0x2C) == (0x1AF4, 0x1100)
+            # BAR0 (virtio structures) and BAR2 (MSI-X): 64-bit memory BARs, power-of-two sizes.
+            for bar in (0, 2):
+                assert cfg[0x10 + 4 * bar] & 0x7 == 0x4
+                info = (await c.region_info(bar)).info
+                assert info.size and info.size & (info.size - 1) == 0
+            # Walk the capability list like a driver does.
+            caps, ptr = {}, cfg[0x34]
+            while ptr:
+                if cfg[ptr] == PCI_CAP_ID_VNDR:
+                    cap_len, cfg_type, bar, _, off, length = struct.unpack_from("<BBBBxxII", cfg, ptr + 2)
+                    caps[cfg_type] = (bar, off, length, cap_len)
+                elif cfg[ptr] == PCI_CAP_ID_MSIX:
+                    msix = struct.unpack_from("<HII", cfg, ptr + 2)
+                ptr = cfg[ptr + 1]
+            assert set(caps) == {vp.VIRTIO_PCI_CAP_COMMON_CFG, vp.VIRTIO_PCI_CAP_NOTIFY_CFG,
+                                 vp.VIRTIO_PCI_CAP_ISR_CFG, vp.VIRTIO_PCI_CAP_DEVICE_CFG}
+            assert all(bar == 0 for bar, *_ in caps.values())
+            assert caps[vp.VIRTIO_PCI_CAP_COMMON_CFG][2] >= 0x38  # Linux's minimum
+            assert caps[vp.VIRTIO_PCI_CAP_NOTIFY_CFG][3] == 20  # notify cap carries the multiplier
+            assert (msix[0] & 0x7FF) + 1 == 4  # config + 3 queues
+            assert msix[1] & 7 == 2  # table in BAR2
+
+    async with blk_guest(fn, sock_dir) as drv:
+        f = drv.device_features
+        for bit in (vp.VIRTIO_F_VERSION_1, 2, 6, 9, 12, 13, 14, vp.VIRTIO_RING_F_INDIRECT_DESC,
+                    vp.VIRTIO_RING_F_EVENT_IDX, vp.VIRTIO_F_ACCESS_PLATFORM):
+            assert f >> bit & 1, bit
+        assert not f >> 5 & 1  # not read-only
+        assert await drv.capacity() == 4 * MiB // 512
+        assert await drv.device_config(0x0C, 4) == 126  # seg_max = queue size - 2
+        assert await drv.device_config(0x14, 4) == 512
+        assert await drv.device_config(0x22, 2) == 3
+        assert [q.size for q in drv.queues] == [128, 128, 128]
+        assert await drv.get_id() == b"zpcid-serial"
+        d = fn.describe()
+        assert d["type"] == "virtio-blk" and d["virtio"]["queues"] == [0, 1, 2]
+
+
+async def test_registered_type_and_option_errors(disk, tmp_path):
+    load_all()
+    fn = TYPES["virtio-blk"]("vbr", path=disk, size="1M", readonly=False)
+    try:
+        assert os.path.getsize(disk) == MiB and fn.capacity == MiB
+    finally:
+        fn.close()
+    with pytest.raises(ValueError):
+        VirtioBlkFunction("x", path=str(tmp_path / "missing.img"))  # no size to create it
+    with pytest.raises(ValueError):
+        VirtioBlkFunction("x", path=disk, queue_size=100)
+    with pytest.raises(ValueError):
+        VirtioBlkFunction("x", path="/dev/full")  # no size for a character device
+
+
+# ---------------------------------------------------------------------- data path
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["memfd", "dma-messages"])
+async def test_write_flush_read_back_and_host_file(disk, sock_dir, shared):
+    fn = VirtioBlkFunction("vb0", path=disk, size="8M")
+    data = pattern(1, 64 * 1024)
+    async with blk_guest(fn, sock_dir, shared=shared) as drv:
+        await drv.write(0, 100, data)
+        assert await drv.flush(0) == S_OK
+        assert await drv.read(0, 100, len(data)) == data
+        assert await drv.read(0, 0, 512) == bytes(512)
+        client = drv.client
+        if shared:
+            assert client.dma_requests == 0
+        else:
+            assert client.dma_requests > 0  # everything went through DMA_READ/DMA_WRITE
+    assert host_read(disk, 100 * 512, len(data)) == data
+    assert fn.stats["flushes"] == 1 and not fn.dirty
+    fn.close()
+
+
+async def test_large_requests_span_io_chunks_with_indirect_descriptors(disk, sock_dir):
+    fn = VirtioBlkFunction("vb0", path=disk, size="16M")
+    data = pattern(2, 3 * MiB + 4096)  # more than the 1 MiB the device stages at a time
+    async with blk_guest(fn, sock_dir) as drv:
+        status, _, used = await drv.request(0, T_OUT, 8, out=data, indirect=True)
+        assert (status, used) == (S_OK, 1)
+        status, back, used = await drv.request(0, T_IN, 8, in_len=len(data), indirect=True)
+        assert status == S_OK and back == data and used == len(data) + 1
+    assert host_read(disk, 8 * 512, len(data)) == data
+    fn.close()
+
+
+async def test_multiple_queues_concurrently(disk, sock_dir):
+    fn = VirtioBlkFunction("vb0", path=disk, size="8M", num_queues=4)
+    async with blk_guest(fn, sock_dir) as drv:
+        assert len(drv.queues) == 4
+
+        async def worker(q):
+            for i in range(8):
+                sector = (q * 64 + i * 8)
+                await drv.write(q, sector, pattern(q * 8 + i, 4096))
+            for i in range(8):
+                assert await drv.read(q, q * 64 + i * 8, 4096) == pattern(q * 8 + i, 4096)
+
+        async with trio.open_nursery() as n:
+            for q in range(4):
+                n.start_soon(worker, q)
+        assert all(q.interrupts > 0 for q in drv.queues)  # each queue raised its own vector
+    for q in range(4):
+        for i in range(8):
+            assert host_read(disk, (q * 64 + i * 8) * 512, 4096) == pattern(q * 8 + i, 4096)
+    fn.close()
+
+
+async def test_many_requests_in_flight_on_one_queue(disk, sock_dir):
+    fn = VirtioBlkFunction("vb0", path=disk, size="8M", queue_size=64, io_threads=4)
+    async with blk_guest(fn, sock_dir) as drv:
+        async with trio.open_nursery() as n:
+            for i in range(100):  # more than the queue holds: the driver waits for descriptors
+                n.start_soon(drv.write, 0, i * 8, pattern(i, 4096))
+        results = {}
+        async with trio.open_nursery() as n:
+            async def rd(i):
+                results[i] = await drv.read(0, i * 8, 4096)
+            for i in range(100):
+                n.start_soon(rd, i)
+        assert all(results[i] == pattern(i, 4096) for i in range(100))
+    fn.close()
+
+
+@pytest.mark.parametrize("wanted", [~((1 << vp.VIRTIO_RING_F_EVENT_IDX) | (1 << vp.VIRTIO_RING_F_INDIRECT_DESC)),
+                                    1 << vp.VIRTIO_F_VERSION_1], ids=["no-event-idx", "version-1-only"])
+async def test_minimal_feature_sets(disk, sock_dir, wanted):
+    fn = VirtioBlkFunction("vb0", path=disk, size="1M", num_queues=2)
+    async with blk_guest(fn, sock_dir, wanted=wanted) as drv:
+        assert not drv.event_idx
+        await drv.write(0, 0, pattern(3, 8192))
+        assert await drv.read(0, 0, 8192) == pattern(3, 8192)
+        if wanted == 1 << vp.VIRTIO_F_VERSION_1:
+            # Without MQ the driver still sees num_queues, but DISCARD was not negotiated.
+            assert (await drv.request(0, T_DISCARD, out=struct.pack("<QII", 0, 8, 0)))[0] == S_UNSUPP
+    fn.close()
+
+
+async def test_get_id_pads_and_truncates(disk, sock_dir):
+    fn = VirtioBlkFunction("vb0", path=disk, size="1M", serial="x" * 30)
+    async with blk_guest(fn, sock_dir) as drv:
+        assert await drv.get_id() == b"x" * 20
+        status, data, used = await drv.request(0, T_GET_ID, in_len=8)  # short buffer: truncated
+        assert (status, data, used) == (S_OK, b"x" * 8, 9)
+    fn.close()
+    fn = VirtioBlkFunction("vb1", path=disk, serial="ab")
+    async with blk_guest(fn, sock_dir) as drv:
+        status, data, _ = await drv.request(0, T_GET_ID, in_len=20)
+        assert data == b"ab" + bytes(18)
+    fn.close()
+
+
+async def test_discard_and_write_zeroes(disk, sock_dir):
+    fn = VirtioBlkFunction("vb0", path=disk, size="4M")
+    async with blk_guest(fn, sock_dir) as drv:
+        await drv.write(0, 0, pattern(4, 64 * 1024))
+        seg = struct.pack("<QII", 16, 16, 0)  # zero sectors 16..31
+        assert (await drv.request(0, T_WRITE_ZEROES, out=seg))[0] == S_OK
+        seg = struct.pack("<QII", 64, 16, 1)  # with UNMAP allowed
+        assert (await drv.request(0, T_WRITE_ZEROES, out=seg))[0] == S_OK
+        assert (await drv.request(0, T_DISCARD, out=struct.pack("<QII", 96, 8, 0)))[0] == S_OK
+        expect = bytearray(pattern(4, 64 * 1024))
+        expect[16 * 512 : 32 * 512] = bytes(16 * 512)
+        expect[64 * 512 : 80 * 512] = bytes(16 * 512)
+        back = await drv.read(0, 0, 64 * 1024)
+        assert back[: 96 * 512] == expect[: 96 * 512]
+        assert back[104 * 512 :] == expect[104 * 512 :]  # discard touched only its own range
+        # Bad segments: flags a discard cannot have, range past the end, ragged payload.
+        assert (await drv.request(0, T_DISCARD, out=struct.pack("<QII", 0, 8, 1)))[0] == S_UNSUPP
+        assert (await drv.request(0, T_WRITE_ZEROES, out=struct.pack("<QII", 8190, 8, 0)))[0] == S_IOERR
+        assert (await drv.request(0, T_WRITE_ZEROES, out=b"\0" * 10))[0] == S_IOERR
+    data = host_read(disk, 0, 64 * 1024)
+    assert data[16 * 512 : 32 * 512] == bytes(16 * 512) and data[:16 * 512] == expect[:16 * 512]
+    fn.close()
+
+
+# ---------------------------------------------------------------------- read-only, backing errors
+
+
+async def test_readonly_device_refuses_writes(disk, sock_dir):
+    with open(disk, "wb") as f:
+        f.write(pattern(5, MiB))
+    fn = VirtioBlkFunction("ro", path=disk, readonly=True)
+    async with blk_guest(fn, sock_dir) as drv:
+        assert drv.features >> 5 & 1  # VIRTIO_BLK_F_RO
+        assert not drv.device_features >> 13 & 1 and not drv.device_features >> 14 & 1
+        status, _, _ = await drv.request(0, T_OUT, 0, out=b"\xee" * 4096)
+        assert status == S_IOERR
+        assert (await drv.request(0, T_WRITE_ZEROES, out=struct.pack("<QII", 0, 8, 0)))[0] == S_UNSUPP
+        assert await drv.read(0, 0, 4096) == pattern(5, MiB)[:4096]
+        assert await drv.flush() == S_OK
+    assert host_read(disk, 0, MiB) == pattern(5, MiB)
+    fn.close()
+
+
+async def test_enospc_on_dev_full_fails_the_write_only(sock_dir):
+    fn = VirtioBlkFunction("full", path="/dev/full", size="1M")
+    async with blk_guest(fn, sock_dir) as drv:
+        status, _, used = await drv.request(0, T_OUT, 0, out=b"\x11" * 4096)
+        assert (status, used) == (S_IOERR, 1)
+        assert await drv.read(0, 0, 4096) == bytes(4096)  # the device keeps serving
+        assert await drv.status() & NEEDS_RESET == 0
+    assert fn.counters.errors["virtio_blk_backing"] >= 1
+    fn.close()
+
+
+async def test_eio_from_the_backing_file(sock_dir):
+    # Reading /proc/self/mem where nothing is mapped (page 0) fails with a real EIO.
+    fn = VirtioBlkFunction("eio", path="/proc/self/mem", readonly=True, size=4096)
+    async with blk_guest(fn, sock_dir) as drv:
+        status, _, _ = await drv.request(0, T_IN, 0, in_len=4096)
+        assert status == S_IOERR
+        assert await drv.get_id() == b"eio"
+    fn.close()
+
+
+async def test_request_level_errors_keep_the_device(disk, sock_dir):
+    fn = VirtioBlkFunction("vb0", path=disk, size="1M")
+    async with blk_guest(fn, sock_dir) as drv:
+        assert (await drv.request(0, T_IN, 2048, in_len=512))[0] == S_IOERR  # past the end
+        assert (await drv.request(0, T_IN, 2047, in_len=1024))[0] == S_IOERR  # straddles the end
+        assert (await drv.request(0, T_IN, 0, in_len=100))[0] == S_IOERR  # not whole sectors
+        assert (await drv.request(0, 99, 0))[0] == S_UNSUPP  # unknown type
+        # Wrong directions for the type: OUT with device-writable data, IN with readable data.
+        assert (await drv.request(0, T_OUT, 0, out=b"a" * 512, in_len=512))[0] == S_IOERR
+        assert (await drv.request(0, T_IN, 0, out=b"a" * 512, in_len=512))[0] == S_IOERR
+        await drv.write(0, 0, pattern(6, 4096))
+        assert await drv.status() & NEEDS_RESET == 0
+    assert host_read(disk, 0, 4096) == pattern(6, 4096)
+    fn.close()
+
+
+async def test_data_buffer_outside_guest_memory_fails_the_request(disk, sock_dir):
+    fn = VirtioBlkFunction("vb0", path=disk, size="1M")
+    async with blk_guest(fn, sock_dir) as drv:
+        mem, q = drv.mem, drv.queues[0]
+        h = mem.alloc(32)
+        mem.write(h, hdr(T_IN, 0) + b"\xff")
+        await raw_chain(q, [(h, 16, VRING_DESC_F_NEXT, 1),
+                            (0x10, 4096, VRING_DESC_F_WRITE | VRING_DESC_F_NEXT, 2),  # unmapped
+                            (h + 16, 1, VRING_DESC_F_WRITE, 0)])
+        with trio.fail_after(WAIT):
+            while mem.read(h + 16, 1) == b"\xff":
+                await trio.sleep(0.005)
+        assert mem.read(h + 16, 1)[0] == S_IOERR
+        assert await drv.status() & NEEDS_RESET == 0
+    fn.close()
+
+
+# ---------------------------------------------------------------------- broken rings -> NEEDS_RESET
+
+
+def _loop(mem, h):
+    return [(h, 16, VRING_DESC_F_NEXT, 1), (h + 16, 1, VRING_DESC_F_WRITE | VRING_DESC_F_NEXT, 0)]
+
+
+def _too_long(mem, h):
+    # An indirect table with more entries than the queue has descriptors.
+    table = mem.alloc(16 * 300)
+    return [(table, 16 * 300, VRING_DESC_F_INDIRECT, 0)]
+
+
+def _indirect_loop(mem, h):
+    table = mem.alloc(64)
+    mem.write(table, struct.pack("<QIHH", h, 16, VRING_DESC_F_NEXT, 1)
+              + struct.pack("<QIHH", h + 16, 1, VRING_DESC_F_WRITE | VRING_DESC_F_NEXT, 0))
+    return [(table, 32, VRING_DESC_F_INDIRECT, 0)]
+
+
+def _next_outside(mem, h):
+    return [(h, 16, VRING_DESC_F_NEXT, 999)]
+
+
+def _readable_after_writable(mem, h):
+    return [(h + 16, 1, VRING_DESC_F_WRITE | VRING_DESC_F_NEXT, 1), (h, 16, 0, 0)]
+
+
+def _no_status(mem, h):
+    return [(h, 17, 0, 0)]
+
+
+def _header_unmapped(mem, h):
+    return [(0x10, 16, VRING_DESC_F_NEXT, 1), (h + 16, 1, VRING_DESC_F_WRITE, 0)]
+
+
+def _desc_table_entry(mem, h):
+    return [(h, 16, VRING_DESC_F_INDIRECT | VRING_DESC_F_NEXT, 1)]
+
+
+@pytest.mark.parametrize("build", [_loop, _too_long, _indirect_loop, _next_outside,
+                                   _readable_after_writable, _no_status, _header_unmapped,
+                                   _desc_table_entry])
+async def test_broken_chain_sets_needs_reset_and_device_recovers(disk, sock_dir, build):
+    other_disk = disk + ".other"
+    other = VirtioBlkFunction("other", path=other_disk, size="1M")
+    fn = VirtioBlkFunction("vb0", path=disk, size="1M", queue_size=256)
+    async with serving(other, sock_dir, "other.sock") as other_server, \
+            zclient.connect(other_server.path) as oc, \
+            open_blk(oc, GuestMemory(4 * MiB)) as other_drv:
+        async with blk_guest(fn, sock_dir) as drv:
+            mem, q = drv.mem, drv.queues[0]
+            h = mem.alloc(32)
+            mem.write(h, hdr(T_IN, 0) + b"\xff")
+            read_eventfd(drv.eventfds[0])
+            await raw_chain(q, build(mem, h))
+            await wait_status(drv, NEEDS_RESET)
+            assert await wait_eventfd(drv.eventfds[0], WAIT)  # config-change interrupt
+            assert await drv.read_isr() & vp.VIRTIO_PCI_ISR_CONFIG
+            # Other functions in the same daemon are unaffected.
+            await other_drv.write(0, 0, pattern(7, 4096))
+            assert await other_drv.read(0, 0, 4096) == pattern(7, 4096)
+            # The driver resets and brings the device back.
+            await drv.reinit()
+            assert await drv.status() & NEEDS_RESET == 0
+        async with blk_guest(fn, sock_dir) as drv:
+            await drv.write(0, 8, pattern(8, 4096))
+            assert await drv.read(0, 8, 4096) == pattern(8, 4096)
+    assert fn.counters.errors["virtio_ring"] >= 1
+    fn.close()
+    other.close()
+
+
+async def test_avail_index_jumping_past_queue_size(disk, sock_dir):
+    fn = VirtioBlkFunction("vb0", path=disk, size="1M", queue_size=16)
+    async with blk_guest(fn, sock_dir) as drv:
+        q = drv.queues[0]
+        drv.mem.put16(q.avail + 2, 100)
+        await q.notify()
+        await wait_status(drv, NEEDS_RESET)
+    fn.close()
+
+
+async def test_queue_size_not_power_of_two_is_refused(disk, sock_dir):
+    fn = VirtioBlkFunction("vb0", path=disk, size="1M")
+    async with serving(fn, sock_dir) as server, zclient.connect(server.path) as c:
+        mem = GuestMemory(MiB)
+        await mem.map(c)
+        from zpcid.virtio.driver import VirtioBlkDriver
+        drv = VirtioBlkDriver(c, mem)
+        await drv.probe()
+        await drv.reset()
+        await drv.set_status(vp.VIRTIO_CONFIG_S_ACKNOWLEDGE | vp.VIRTIO_CONFIG_S_DRIVER)
+        await drv.common_write(vp.COMMON_GF, 4, 0)
+        await drv.common_write(vp.COMMON_GFSELECT, 4, 1)
+        await drv.common_write(vp.COMMON_GF, 4, 1)  # VERSION_1
+        await drv.add_status(vp.VIRTIO_CONFIG_S_FEATURES_OK)
+        assert await drv.status() & vp.VIRTIO_CONFIG_S_FEATURES_OK
+        await drv.common_write(vp.COMMON_Q_SELECT, 2, 0)
+        await drv.common_write(vp.COMMON_Q_SIZE, 2, 100)
+        for off, addr in ((vp.COMMON_Q_DESCLO, mem.base), (vp.COMMON_Q_AVAILLO, mem.base + 0x1000),
+                          (vp.COMMON_Q_USEDLO, mem.base + 0x2000)):
+            await drv.common_write(off, 8, addr)
+        await drv.common_write(vp.COMMON_Q_ENABLE, 2, 1)
+        assert await drv.common_read(vp.COMMON_Q_ENABLE, 2) == 0
+        assert await drv.status() & NEEDS_RESET
+        # Misaligned rings are refused the same way (after a reset).
+        await drv.reset()
+        assert await drv.status() == 0
+        await drv.common_write(vp.COMMON_Q_SIZE, 2, 64)
+        await drv.common_write(vp.COMMON_Q_DESCLO, 8, mem.base + 8)
+        await drv.common_write(vp.COMMON_Q_ENABLE, 2, 1)
+        assert await drv.common_read(vp.COMMON_Q_ENABLE, 2) == 0
+        # Features without VERSION_1 are refused at FEATURES_OK.
+        await drv.reset()
+        await drv.set_status(vp.VIRTIO_CONFIG_S_ACKNOWLEDGE | vp.VIRTIO_CONFIG_S_DRIVER)
+        await drv.add_status(vp.VIRTIO_CONFIG_S_FEATURES_OK)
+        assert not await drv.status() & vp.VIRTIO_CONFIG_S_FEATURES_OK
+        # A vector the function does not have reads back as NO_VECTOR.
+        await drv.common_write(vp.COMMON_MSIX, 2, 50)
+        assert await drv.common_read(vp.COMMON_MSIX, 2) == vp.VIRTIO_MSI_NO_VECTOR
+        mem.close()
+    fn.close()
+
+
+async def test_notifications_for_queues_not_enabled_are_ignored(disk, sock_dir):
+    fn = VirtioBlkFunction("vb0", path=disk, size="1M", num_queues=2)
+    async with blk_guest(fn, sock_dir, num_queues=1) as drv:
+        c = drv.client
+        notify = drv.caps[vp.VIRTIO_PCI_CAP_NOTIFY_CFG]
+        await c.region_write(0, notify.offset + 4, struct.pack("<H", 1))  # queue 1: never enabled
+        await c.region_write(0, notify.offset + 0x400, struct.pack("<H", 256))  # no such queue
+        await drv.write(0, 0, pattern(9, 4096))
+        assert await drv.read(0, 0, 4096) == pattern(9, 4096)
+        assert await drv.status() & NEEDS_RESET == 0
+    assert fn.counters.errors["virtio_bad_notify"] == 2
+    fn.close()
+
+
+# ---------------------------------------------------------------------- reset / re-attach
+
+
+async def _reset_mid_io(fn, disk, sock_dir, how):
+    nreq, size = 48, 128 * 1024
+    async with blk_guest(fn, sock_dir) as drv:
+        mem, q = drv.mem, drv.queues[0]
+        for i in range(nreq):
+            h = mem.alloc(32)
+            data = mem.alloc(size)
+            mem.write(h, hdr(T_OUT, i * size // 512) + b"\xff")
+            mem.write(data, bytes([i + 1]) * size)
+            head = await q.add([(h, 16, False), (data, size, False), (h + 16, 1, True)])
+            q.publish(head)
+        await q.notify()
+        with trio.fail_after(WAIT):
+            while fn.stats["writes"] < 1:
+                await trio.sleep(0.001)
+        if how == "status":
+            await drv.set_status(0)  # returns once in-flight requests have drained
+            assert await drv.status() == 0
+        else:
+            await drv.client.reset()  # vfio-user DEVICE_RESET
+        used_after_reset = mem.u16(q.used + 2)
+        written = fn.stats["writes"]
+        assert written < nreq  # the reset stopped the queue before it ran dry
+        # The device comes back and the old ring stays untouched by it.
+        await drv.reinit()
+        for i in range(nreq):
+            block = await drv.read(0, i * size // 512, size)
+            assert block in (bytes(size), bytes([i + 1]) * size), i  # all or nothing per request
+        assert mem.u16(q.used + 2) == used_after_reset
+        assert fn.stats["writes"] == written
+    image = host_read(disk, 0, nreq * size)
+    done = sum(image[i * size : (i + 1) * size] == bytes([i + 1]) * size for i in range(nreq))
+    assert done >= used_after_reset  # every acknowledged write is in the file
+
+
+@pytest.mark.parametrize("how", ["status", "device-reset"])
+async def test_reset_mid_io_stops_processing_and_keeps_file_consistent(disk, sock_dir, how):
+    fn = VirtioBlkFunction("vb0", path=disk, size="8M", io_threads=1)
+    await _reset_mid_io(fn, disk, sock_dir, how)
+    fn.close()
+
+
+async def test_detach_mid_io_and_reattach(disk, sock_dir):
+    fn = VirtioBlkFunction("vb0", path=disk, size="8M", io_threads=1)
+    nreq, size = 32, 128 * 1024
+    async with serving(fn, sock_dir) as server:
+        async with zclient.connect(server.path) as c:
+            mem = GuestMemory(16 * MiB)
+            async with open_blk(c, mem) as drv:
+                q = drv.queues[0]
+                for i in range(nreq):
+                    h = mem.alloc(32)
+                    data = mem.alloc(size)
+                    mem.write(h, hdr(T_OUT, i * size // 512) + b"\xff")
+                    mem.write(data, bytes([i + 1]) * size)
+                    q.publish(await q.add([(h, 16, False), (data, size, False), (h + 16, 1, True)]))
+                await q.notify()
+                with trio.fail_after(WAIT):
+                    while fn.stats["writes"] < 1:
+                        await trio.sleep(0.001)
+            # leaving the client context disconnects mid-I/O
+        with trio.fail_after(WAIT):
+            while server.attached or not fn.service.done.is_set():
+                await trio.sleep(0.005)
+        mem.close()
+        assert not fn.dirty  # the service synced the file when it stopped
+        image = host_read(disk, 0, nreq * size)
+        for i in range(nreq):
+            assert image[i * size : (i + 1) * size] in (bytes(size), bytes([i + 1]) * size)
+        # A new client sees exactly what the host sees.
+        async with zclient.connect(server.path) as c:
+            mem = GuestMemory(16 * MiB)
+            async with open_blk(c, mem) as drv:
+                assert await drv.read(0, 0, nreq * size) == image
+                await drv.write(0, 0, pattern(10, 4096))
+            mem.close()
+    assert host_read(disk, 0, 4096) == pattern(10, 4096)
+    fn.close()
+
+
+async def test_close_right_after_detach_releases_the_file(disk, sock_dir):
+    fn = VirtioBlkFunction("vb0", path=disk, size="8M", io_threads=1)
+    size = 256 * 1024
+    async with serving(fn, sock_dir) as server:
+        async with zclient.connect(server.path) as c:
+            mem = GuestMemory(16 * MiB)
+            async with open_blk(c, mem) as drv:
+                q = drv.queues[0]
+                for i in range(16):
+                    h, data = mem.alloc(32), mem.alloc(size)
+                    mem.write(h, hdr(T_OUT, i * size // 512) + b"\xff")
+                    mem.write(data, bytes([i + 1]) * size)
+                    q.publish(await q.add([(h, 16, False), (data, size, False), (h + 16, 1, True)]))
+                await q.notify()
+                with trio.fail_after(WAIT):
+                    while fn.stats["writes"] < 1:
+                        await trio.sleep(0.001)
+        with trio.fail_after(WAIT):
+            while server.attached:
+                await trio.sleep(0.001)
+        fd = fn.backing.fd
+        fn.close()  # a worker thread may still be writing: the service closes the file after it
+        with trio.fail_after(WAIT):
+            await fn.service.done.wait()
+        assert fn.backing.fd == -1
+        with pytest.raises(OSError):
+            os.fstat(fd)
+        mem.close()
+    image = host_read(disk, 0, 16 * size)
+    for i in range(16):
+        assert image[i * size : (i + 1) * size] in (bytes(size), bytes([i + 1]) * size)
+
+
+async def test_driver_refuses_non_virtio(disk, sock_dir):
+    from zpcid.devices.memory import MemoryFunction
+    fn = MemoryFunction("m")
+    async with serving(fn, sock_dir) as server, zclient.connect(server.path) as c:
+        mem = GuestMemory(MiB)
+        with pytest.raises(DriverError):
+            async with open_blk(c, mem):
+                pass
+        mem.close()
+    fn.close()
