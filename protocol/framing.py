@@ -78,15 +78,25 @@ class Framer:
         out: list[Message] = []
         buf = self._buf
         pos, end = 0, len(buf)
-        while end - pos >= HEADER_SIZE:
-            hdr = self._header_at(pos)
-            stop = pos + hdr.msg_size
-            if stop > end:
-                break
-            with memoryview(buf) as view:
-                payload = bytes(view[pos + HEADER_SIZE : stop])
-            out.append(Message(hdr, payload, self._fds.pop(pos, ()) if self._fds else ()))
-            pos = stop
+        starts: list[int] = []
+        try:
+            while end - pos >= HEADER_SIZE:
+                hdr = self._header_at(pos)
+                stop = pos + hdr.msg_size
+                if stop > end:
+                    break
+                with memoryview(buf) as view:
+                    payload = bytes(view[pos + HEADER_SIZE : stop])
+                out.append(Message(hdr, payload, self._fds.pop(pos, ()) if self._fds else ()))
+                starts.append(pos)
+                pos = stop
+        except ProtocolError:
+            # The complete messages are dropped with the stream; their fds go back
+            # to pending_fds() so the caller's teardown closes them.
+            for start, msg in zip(starts, out):
+                if msg.fds:
+                    self._fds[start] = msg.fds
+            raise
         if pos:
             del buf[:pos]
             if self._fds:

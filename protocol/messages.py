@@ -137,7 +137,7 @@ class Version:
             raise ProtocolError("VERSION: embedded NUL in JSON")
         try:
             doc = json.loads(body.decode("utf-8")) if body.strip() else {}
-        except (UnicodeDecodeError, ValueError) as exc:
+        except (ValueError, RecursionError) as exc:  # RecursionError: absurd nesting
             raise ProtocolError(f"VERSION: invalid JSON: {exc}") from None
         if not isinstance(doc, dict):
             raise ProtocolError("VERSION: JSON document is not an object")
@@ -205,6 +205,9 @@ class DmaUnmap:
     def unpack(cls, payload: bytes) -> "DmaUnmap":
         _need(payload, cls.SIZE, "DMA_UNMAP")
         argsz, flags, addr, size = cls._S.unpack_from(payload)
+        if argsz < cls.SIZE:
+            # argsz is the largest reply accepted, and the reply echoes these 24 bytes.
+            raise ProtocolError(f"DMA_UNMAP: argsz {argsz} < {cls.SIZE}")
         if flags & C.VFIO_DMA_UNMAP_FLAG_GET_DIRTY_BITMAP:
             raise ProtocolError("DMA_UNMAP: dirty bitmaps are not supported", errno.ENOTSUP)
         if flags & ~C.VFIO_DMA_UNMAP_FLAG_ALL:

@@ -21,7 +21,7 @@ from protocol import consts as C
 from protocol import messages as M
 from protocol.errors import ProtocolError
 from protocol.framing import Framer, Message
-from protocol.header import Command, Flags, pack_header, error_reply
+from protocol.header import HEADER_SIZE, Command, Flags, pack_header, error_reply
 from zpcid.transport import SocketTransport, close_fds
 
 REPLY_TIMEOUT = 5.0
@@ -62,6 +62,15 @@ class ClientMemory:
     size: int
     buf: object  # anything supporting the buffer protocol, writable
     writable: bool = True
+
+
+@attrs.define
+class PendingReply:
+    """A command sent without waiting; ``waiter`` is [event, reply message]."""
+
+    msg_id: int
+    cmd: int
+    waiter: list
 
 
 class Client:
@@ -130,6 +139,9 @@ class Client:
         return reply
 
     async def negotiate(self, caps: M.Capabilities = CLIENT_CAPS, minor: int = 0) -> M.Version:
+        # The server may send DMA_WRITE requests as large as we advertise.
+        self.framer.max_msg_size = max(self.framer.max_msg_size,
+                                       HEADER_SIZE + 64 + caps.max_data_xfer_size)
         reply = await self.request(Command.VERSION, M.Version(0, minor, caps).pack())
         assert reply is not None
         v = M.Version.unpack(reply.payload)
@@ -151,16 +163,36 @@ class Client:
             self.memory.append(ClientMemory(iova, size, buf, write))
 
     async def dma_map_nowait(self, iova: int, size: int, fd: int | None = None, offset: int = 0,
-                             *, read: bool = True, write: bool = True) -> trio.Event:
-        """Pipelined DMA_MAP as QEMU sends them at boot; returns the reply event."""
+                             *, read: bool = True, write: bool = True) -> "PendingReply":
+        """Pipelined DMA_MAP as QEMU sends them at boot; collect it with ``wait_reply``."""
         flags = (C.VFIO_DMA_MAP_FLAG_READ if read else 0) | (C.VFIO_DMA_MAP_FLAG_WRITE if write else 0)
         msg_id = next(self._ids) & 0xFFFF
-        waiter = [trio.Event(), None]
-        self._pending[msg_id] = waiter
-        payload = M.DmaMap(32, flags, offset, iova, size).pack()
-        await self.transport.send([pack_header(msg_id, Command.DMA_MAP, len(payload)) + payload],
-                                  [fd] if fd is not None else [])
-        return waiter
+        pending = PendingReply(msg_id, Command.DMA_MAP, [trio.Event(), None])
+        self._pending[msg_id] = pending.waiter
+        payload = M.DmaMap(32, flags, offset if fd is not None else 0, iova, size).pack()
+        try:
+            await self.transport.send([pack_header(msg_id, Command.DMA_MAP, len(payload)) + payload],
+                                      [fd] if fd is not None else [])
+        except BaseException:
+            self._pending.pop(msg_id, None)
+            raise
+        return pending
+
+    async def wait_reply(self, pending: "PendingReply", timeout: float = REPLY_TIMEOUT) -> Message:
+        """The reply to a pipelined command (raise VfioUserError on an error reply)."""
+        try:
+            with trio.fail_after(timeout):
+                await pending.waiter[0].wait()
+        finally:
+            if self._pending.get(pending.msg_id) is pending.waiter:
+                del self._pending[pending.msg_id]
+        reply: Message | None = pending.waiter[1]
+        if reply is None:
+            raise ConnectionError("server closed the connection")
+        if reply.header.is_error:
+            close_fds(reply.fds)
+            raise VfioUserError(pending.cmd, reply.header.error_no)
+        return reply
 
     async def dma_unmap(self, iova: int, size: int) -> None:
         await self.request(Command.DMA_UNMAP, M.DmaUnmap(24, 0, iova, size).pack())

@@ -28,6 +28,7 @@ SERVER_MAX_DATA_XFER = 1 << 20
 SERVER_MAX_DMA_MAPS = 65535
 DMA_REPLY_TIMEOUT = 5.0
 MAX_QUEUED_COMMANDS = 65536
+MAX_QUEUED_BYTES = 64 << 20
 
 _HANDLED_ERRORS = (ProtocolError, DmaError, IrqError, RegionError)
 
@@ -57,6 +58,9 @@ class Endpoint:
         self.stats = Stats()
         self._queue: collections.deque[Message] = collections.deque()
         self._queue_event = trio.Event()
+        self._queued_bytes = 0
+        self._session_scope = trio.CancelScope()
+        self._drop_reason: str | None = None
         self._pending: dict[int, list] = {}  # msg_id -> [event, message]
         self._ids = itertools.count(1)
         self._closed = False
@@ -67,19 +71,21 @@ class Endpoint:
         reason = "eof"
         try:
             async with trio.open_nursery() as nursery:
+                self._session_scope = nursery.cancel_scope
                 nursery.start_soon(self._reader)
                 try:
                     await self._dispatcher()
                 except Disconnect as exc:
                     reason = str(exc)
                 nursery.cancel_scope.cancel()
-            self.log.info("client_disconnected", reason=reason)
+            self.log.info("client_disconnected", reason=self._drop_reason or reason)
         finally:
             self._closed = True
             for waiter in self._pending.values():
                 waiter[0].set()
             for msg in self._queue:
-                close_fds(msg.fds)
+                if msg is not None:  # the reader's end-of-stream sentinel
+                    close_fds(msg.fds)
             close_fds(self.framer.pending_fds())
             await self.transport.aclose()
 
@@ -100,18 +106,24 @@ class Endpoint:
                     close_fds(fds)
                     self.log.warning("protocol_error", error=str(exc), action="disconnect")
                     break
-                for msg in msgs:
+                for i, msg in enumerate(msgs):
                     if msg.header.flags & Flags.TYPE_MASK == Flags.REPLY or (
                         msg.header.is_error and msg.header.msg_id in self._pending
                     ):
                         self._on_reply(msg)
                     else:
-                        if len(self._queue) >= MAX_QUEUED_COMMANDS:
-                            close_fds(msg.fds)
+                        self._queued_bytes += msg.header.msg_size
+                        if (len(self._queue) >= MAX_QUEUED_COMMANDS
+                                or self._queued_bytes > MAX_QUEUED_BYTES):
+                            # A client that sends without reading its replies must not
+                            # grow the daemon's memory without bound; and the dispatcher
+                            # may be stuck sending to it, so end the session outright.
+                            for dropped in msgs[i:]:
+                                close_fds(dropped.fds)
                             self.log.warning("protocol_error", error="command queue overflow",
                                              action="disconnect")
-                            self._queue.append(None)  # type: ignore[arg-type]
-                            self._queue_event.set()
+                            self._drop_reason = "command queue overflow"
+                            self._session_scope.cancel()
                             return
                         self._queue.append(msg)
                         self._queue_event.set()
@@ -119,6 +131,11 @@ class Endpoint:
             # Sentinel: no more commands will come.
             self._queue.append(None)  # type: ignore[arg-type]
             self._queue_event.set()
+            # Nor replies: a device waiting on DMA_READ/WRITE fails now rather
+            # than after the reply timeout.
+            self._closed = True
+            for waiter in self._pending.values():
+                waiter[0].set()
 
     def _on_reply(self, msg: Message) -> None:
         waiter = self._pending.get(msg.header.msg_id)
@@ -133,7 +150,10 @@ class Endpoint:
         while not self._queue:
             self._queue_event = trio.Event()
             await self._queue_event.wait()
-        return self._queue.popleft()
+        msg = self._queue.popleft()
+        if msg is not None:
+            self._queued_bytes -= msg.header.msg_size
+        return msg
 
     async def _dispatcher(self) -> None:
         first = await self._next_command()
@@ -275,9 +295,13 @@ class Endpoint:
 
     async def _h_set_irqs(self, msg, fds):
         req = M.IrqSet.unpack(msg.payload)
+        received = len(fds)
         rest = self.device.set_irqs(req, fds)
+        # The IRQ table owns the others now; if the reply below fails, _handle must
+        # not close descriptors that are installed as eventfds.
+        fds[:] = rest
         self.log.debug("set_irqs", index=req.index, start=req.start, count=req.count,
-                       flags=req.flags, fds=len(fds))
+                       flags=req.flags, fds=received)
         await self._reply(msg)
         return rest
 
@@ -358,7 +382,12 @@ class Endpoint:
         waiter = [trio.Event(), None]
         self._pending[msg_id] = waiter
         try:
-            await self._send(pack_header(msg_id, cmd, len(payload)), payload)
+            try:
+                await self._send(pack_header(msg_id, cmd, len(payload)), payload)
+            except Disconnect as exc:
+                # Device code (often a deferred task) sees a DMA fault; the session
+                # ends through the reader's EOF.
+                raise DmaFault(0, 0, cmd == Command.DMA_WRITE, str(exc)) from None
             self.stats.dma_messages += 1
             with trio.move_on_after(DMA_REPLY_TIMEOUT):
                 await waiter[0].wait()
@@ -371,7 +400,8 @@ class Endpoint:
 
     async def dma_read(self, addr: int, count: int) -> bytes:
         out = bytearray()
-        step = self.client_max_xfer
+        # The reply carries the data, so it must also fit what zpcid accepts.
+        step = min(self.client_max_xfer, SERVER_MAX_DATA_XFER)
         for off in range(0, count, step):
             n = min(step, count - off)
             reply = await self._request(Command.DMA_READ, M.DmaAccess(addr + off, n).pack())

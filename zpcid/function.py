@@ -131,7 +131,9 @@ class PciFunction:
 
     def reset_state(self) -> None:
         """Function-level reset of emulated state (kept: client DMA maps, eventfds)."""
-        self.config.put(0x04, 0, 2)
+        # BAR addresses, command register, interrupt line, PCIe control: nothing of
+        # the previous guest's programming survives.
+        self.config.reset()
         if self.msix is not None:
             self.msix.reset()
 

@@ -108,6 +108,10 @@ class ConfigSpace:
 
     # --------------------------------------------------------------- building
     def add_bar(self, bar: Bar) -> None:
+        used = {i for b in self.bars.values() for i in range(b.index, b.index + 1 + b.is64)}
+        wanted = set(range(bar.index, bar.index + 1 + bar.is64))
+        if not wanted <= set(range(6)) or wanted & used:
+            raise ValueError(f"BAR{bar.index} collides with another BAR or lies outside 0..5")
         self.bars[bar.index] = bar
         self._bar_regs[bar.index] = bar.type_bits
         if bar.is64:
@@ -141,6 +145,19 @@ class ConfigSpace:
         wmask = bytearray(0x3C - 2)
         struct.pack_into("<H", wmask, 0x08 - 2, 0x7CFF)  # device control
         return self.add_capability(PCI_CAP_ID_EXP, bytes(body), bytes(wmask))
+
+    def reset(self) -> None:
+        """Function-level reset: BAR addresses, writable and write-one-to-clear bits to 0."""
+        # Every guest-writable bit of this model starts out as 0, so clearing the
+        # writable bits restores the power-on state; read-only content is kept.
+        for o in range(CONFIG_SIZE):
+            m = self.wmask[o] | self.w1c[o]
+            if m:
+                self.data[o] &= ~m & 0xFF
+        for reg in range(6):
+            bar = self.bars.get(reg)
+            self._bar_regs[reg] = bar.type_bits if bar is not None else 0
+        self._sync_bars()
 
     # --------------------------------------------------------------- access
     def _sync_bars(self) -> None:
