@@ -719,3 +719,244 @@ def test_linux_like_sequences_keep_the_shadow_exact(ops, limit):
             assert all(want[p] == v for p, v in got.items())
     finally:
         guest.close()
+
+
+# ------------------------------------------------------------------ small-range walk == vectorised walk
+# RPCITs over a few pages take a scalar walk (zpcid.iommu.SMALL_WALK_PAGES);
+# the same inputs through both walks must give identical results and shadows.
+
+SCALAR, VECTOR = 1 << 20, 0  # small_walk_pages forcing one walk or the other
+EQ_MEM_A = 8 * MiB - 8 * 1024  # ends inside a 16 KiB table: reads straddle the end
+# A second piece of guest memory after a hole, ending 1 KiB into a page table.
+EQ_MEM_B = (12 * MiB, MiB - 1024)
+EQ_B_END = EQ_MEM_B[0] + EQ_MEM_B[1]
+
+
+def outcome(r, shadow):
+    """Everything observable about one RPCIT: its result and the whole shadow."""
+    shadow.check()
+    e = r.error
+    return ((r.mapped, r.unmapped, r.changed, r.skipped, r.rewalks, r.pages, r.truncated,
+             r.insufficient_resources),
+            None if e is None else (e.pec, e.iova, e.message, e.qualifier),
+            (shadow.mapped, shadow.available, shadow.segments, shadow.generation, shadow.ranges()))
+
+
+class TwinShadows:
+    """One guest memory, two shadows kept in lockstep by the two walks."""
+
+    def __init__(self, root_level, limit):
+        self.a, self.b = Memfd(EQ_MEM_A), Memfd(MiB)
+        # Valid-looking PTEs / segment entries pointing back into the first memory.
+        i = np.arange(MiB // 8, dtype=np.uint64)
+        fill = ((i * np.uint64(2048)) % np.uint64(EQ_MEM_A)) | np.where(i % 5 == 0, np.uint64(0x200), np.uint64(0))
+        self.b.write(0, fill.astype(">u8").tobytes())
+        self.space = DmaSpace()
+        self.space.add(0, EQ_MEM_A, True, True, self.a.fd, 0)
+        self.space.add(EQ_MEM_B[0], EQ_MEM_B[1], True, True, self.b.fd, 0)
+        self.tables = GuestTables(self.a, 4 * MiB, EQ_MEM_A - 4 * MiB - 16 * 1024, root_level=root_level)
+        self.scalar, self.vector = ShadowIotlb(limit), ShadowIotlb(limit)
+
+    def rpcit(self, iota, pba, pal, start, length):
+        rs = rpcit(self.scalar, self.space, iota, pba, pal, start, length, small_walk_pages=SCALAR)
+        rv = rpcit(self.vector, self.space, iota, pba, pal, start, length, small_walk_pages=VECTOR)
+        got, want = outcome(rs, self.scalar), outcome(rv, self.vector)
+        assert got == want
+        return rv
+
+    def close(self):
+        self.space.close()
+        self.a.close()
+        self.b.close()
+
+
+# IOVA bases near the boundaries a few pages can cross: segment (1 MiB), region-third
+# entry (2 GiB), region-second entry (4 TiB), region-first entry (8 PiB).
+# Segment index 1919 -> 1920 crosses the end of memory for a table planted by "straddle_b".
+EQ_BASES = [0, MiB - 64 * 1024, 1920 * MiB - 64 * 1024, (1 << 31) - 96 * 1024, (1 << 42) - 64 * 1024,
+            (1 << 53) - 64 * 1024]
+# Entry values planted over a real entry e: guest garbage of every kind.  The
+# pointer kinds carry the flags ``ok`` of a valid entry at that level.
+EQ_CORRUPT = {
+    "zero": lambda e, r, ok: 0,
+    "invalid": lambda e, r, ok: T.ZPCI_TABLE_INVALID | (e & ~0xFFF & (2**64 - 1)),
+    "protect": lambda e, r, ok: e | T.ZPCI_TABLE_PROTECTED,
+    "flip": lambda e, r, ok: e ^ (1 << (r % 64)),  # type, length, offset, FC, address bits...
+    "flip_low": lambda e, r, ok: e ^ (1 << (r % 12)),
+    "outside": lambda e, r, ok: (1 << 40) | ok,  # next table beyond guest memory
+    "hole": lambda e, r, ok: 9 * MiB | ok,  # in the hole between the two memories
+    "straddle": lambda e, r, ok: (EQ_MEM_A - 8 * 1024) | ok,  # table half outside
+    "other_memory": lambda e, r, ok: EQ_MEM_B[0] | ok | (r & T.ZPCI_TABLE_PROTECTED),
+    "straddle_b": lambda e, r, ok: (EQ_MEM_B[0] + MiB - 16 * 1024) | ok,
+    "straddle_pt": lambda e, r, ok: (EQ_MEM_B[0] + MiB - 2048) | ok,  # page table half outside
+    "random": lambda e, r, ok: r,
+}
+
+
+def guest_op(t, op, iova, n, level, kind, r):
+    if op in ("map", "map_ro"):
+        t.map(iova, (r % 200) * 4096, n, writable=op == "map")
+    elif op == "unmap":
+        t.unmap(iova, n)
+    elif op == "frame":
+        t.map_1m_frame(iova & ~(MiB - 1), (r % 64) * MiB, writable=r % 3 > 0)
+    elif level == "pte":
+        t.set_pte(iova, EQ_CORRUPT[kind](t.pte(iova), r, 0))
+    elif level == "segment":
+        t.set_segment_entry(iova, EQ_CORRUPT[kind](t.segment_entry(iova), r, 0))
+    elif level <= t.root_level:
+        ok = T.table_type_of_level(level) | T.ZPCI_TABLE_LEN_RTX
+        t.set_region_entry(iova, EQ_CORRUPT[kind](t.region_entry(iova, level), r, ok), level)
+
+
+@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(root_level=st.sampled_from([T.LEVEL_SEGMENT, T.LEVEL_REGION_THIRD, T.LEVEL_REGION_SECOND,
+                                   T.LEVEL_REGION_FIRST]),
+       limit=st.sampled_from([None, 0, 3, 40, 65535]),
+       data=st.data())
+def test_small_walk_matches_the_vectorised_walk(root_level, limit, data):
+    twin = TwinShadows(root_level, limit)
+    try:
+        t = twin.tables
+        reach = t.reach
+        base = data.draw(st.sampled_from([b for b in EQ_BASES if b < reach] + [reach - 64 * 1024]))
+        iova_in = st.integers(0, 80).map(lambda k: base + k * 4096)
+        iota = t.iota | data.draw(st.sampled_from([0, 0, 0, T.ZPCI_IOTA_PROTECTED]))
+        ops = data.draw(st.lists(st.tuples(
+            st.sampled_from(["map", "map", "map", "map_ro", "unmap", "unmap", "frame", "corrupt"]),
+            iova_in, st.integers(1, 40),
+            st.sampled_from(["pte", "segment", 1, 2, 3]), st.sampled_from(sorted(EQ_CORRUPT)),
+            st.integers(0, 2**64 - 1), iova_in, st.integers(0, 70)), min_size=1, max_size=20))
+        pba = data.draw(st.sampled_from([0, 0, base + 5 * 4096]))
+        pal = data.draw(st.sampled_from([reach - 1, reach - 1, base + 50 * 4096 + 0x7FF]))
+        for op, iova, n, level, kind, r, start, npages in ops:
+            if iova < reach:
+                try:
+                    guest_op(t, op, iova, min(n, (reach - iova) // 4096), level, kind, r)
+                except (ValueError, IndexError, struct.error, MemoryError):
+                    pass  # the guest-side builder cannot follow the garbage it planted
+            # Unaligned starts and lengths, zero length, ranges past PAL / the reach.
+            twin.rpcit(iota, pba, pal, start + r % 4096, max(0, npages * 4096 - (r >> 12) % 4096))
+        twin.rpcit(iota, pba, pal, base, 100 * 4096)  # refresh everything once more
+    finally:
+        twin.close()
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**32 - 1),
+       root_level=st.sampled_from([T.LEVEL_SEGMENT, T.LEVEL_REGION_THIRD, T.LEVEL_REGION_SECOND,
+                                   T.LEVEL_REGION_FIRST]),
+       root=st.integers(0, MEM_SMALL // 16384 + 2),
+       iota_bits=st.sampled_from([0, 0x200, 0x3, 0x1000]),
+       start_seg=st.integers(0, 2**44), start_off=st.integers(0, 2**20 - 1),
+       npages=st.integers(0, 300), limit=st.sampled_from([None, 0, 5, 300]))
+def test_small_walk_matches_the_vectorised_walk_on_random_tables(seed, root_level, root, iota_bits,
+                                                                 start_seg, start_off, npages, limit):
+    rng = np.random.default_rng(seed)
+    memfd = Memfd(MEM_SMALL)
+    space = dma_space(memfd)
+    try:
+        scalar, vector = ShadowIotlb(limit), ShadowIotlb(limit)
+        iota = root * 16384 | 0x800 | (root_level << 2) | iota_bits
+        reach = T.designation_reach(root_level)
+        start = ((start_seg << 20) + start_off) % reach
+        length = max(0, npages * 4096 - (start_off & 0xFFF))
+        for _ in range(3):  # scrambled tables each round: maps, unmaps, changes, errors
+            memfd.write(0, random_tables(rng, MEM_SMALL))
+            rs = rpcit(scalar, space, iota, 0, reach - 1, start, length, small_walk_pages=SCALAR)
+            rv = rpcit(vector, space, iota, 0, reach - 1, start, length, small_walk_pages=VECTOR)
+            assert outcome(rs, scalar) == outcome(rv, vector)
+    finally:
+        space.close()
+        memfd.close()
+
+
+@pytest.mark.parametrize("walk", [SCALAR, VECTOR])
+def test_dma_limit_unmaps_free_units_before_maps_of_the_same_segment_table(walk):
+    guest = Guest(limit=8)
+    try:
+        t = guest.tables
+        t.map(0x104000, 0x400000, 8)
+        rpcit(guest.shadow, guest.space, t.iota, 0, PAL, 0x100000, 16 * 4096, small_walk_pages=walk)
+        t.unmap(0x104000, 8)
+        t.map(0x100000, 0x200000, 4)  # below the unmapped pages in IOVA order
+        t.map(0x10C000, 0x20C000, 4)
+        r = rpcit(guest.shadow, guest.space, t.iota, 0, PAL, 0x100000, 16 * 4096, small_walk_pages=walk)
+        assert (r.mapped, r.unmapped, r.skipped, r.rewalks, r.error) == (8, 8, 0, 0, None)
+        assert guest.shadow.ranges() == [(0x100000, 4 * 4096, 0x200000, True),
+                                         (0x10C000, 4 * 4096, 0x20C000, True)]
+        guest.shadow.check()
+    finally:
+        guest.close()
+
+
+@pytest.mark.parametrize("walk", [SCALAR, VECTOR])
+def test_dma_limit_units_freed_by_a_later_segment_table_need_a_rewalk(walk):
+    guest = Guest(limit=8)
+    try:
+        t = guest.tables
+        t.map(1 << 31, 0x400000, 8)  # region-third entry 1
+        rpcit(guest.shadow, guest.space, t.iota, 0, PAL, 1 << 31, 8 * 4096, small_walk_pages=walk)
+        t.unmap(1 << 31, 8)
+        t.map((1 << 31) - 4 * 4096, 0x300000, 4)  # region-third entry 0, walked first
+        r = rpcit(guest.shadow, guest.space, t.iota, 0, PAL, (1 << 31) - 4 * 4096, 12 * 4096,
+                  small_walk_pages=walk)
+        assert (r.mapped, r.unmapped, r.skipped, r.rewalks, r.error) == (4, 8, 0, 1, None)
+        assert not r.insufficient_resources
+        assert guest.shadow.ranges() == [((1 << 31) - 4 * 4096, 4 * 4096, 0x300000, True)]
+        guest.shadow.check()
+    finally:
+        guest.close()
+
+
+@pytest.mark.parametrize("walk", [SCALAR, VECTOR])
+def test_failing_region_entry_after_an_invalid_one_still_unmaps_it(walk):
+    guest = Guest()
+    try:
+        t = guest.tables
+        t.map((1 << 31) - 2 * 4096, 0x200000, 4)  # two pages under each of two region entries
+        start = (1 << 31) - 2 * 4096
+        rpcit(guest.shadow, guest.space, t.iota, 0, PAL, start, 4 * 4096, small_walk_pages=walk)
+        t.set_region_entry(0, T.ZPCI_TABLE_INVALID)
+        t.set_region_entry(1 << 31, 0)
+        r = rpcit(guest.shadow, guest.space, t.iota, 0, PAL, start, 4 * 4096, small_walk_pages=walk)
+        assert (r.error.pec, r.error.iova, r.unmapped) == (T.ZPCI_PEC_INVALID_TABLE_ENTRY, 1 << 31, 2)
+        assert guest.shadow.ranges() == [(1 << 31, 2 * 4096, 0x202000, True)]
+    finally:
+        guest.close()
+
+
+@pytest.mark.parametrize("walk", [SCALAR, VECTOR])
+def test_zero_segment_entry_fails_at_pba_when_the_range_starts_below_it(walk):
+    guest = Guest()
+    try:
+        t = guest.tables
+        t.set_segment_entry(0x300000, 0)
+        pba = 0x305000
+        r = rpcit(guest.shadow, guest.space, t.iota, pba, PAL, 0x300000, 16 * 4096, small_walk_pages=walk)
+        assert (r.error.pec, r.error.iova) == (T.ZPCI_PEC_INVALID_TABLE_ENTRY, pba)
+    finally:
+        guest.close()
+
+
+def test_small_walk_reads_tables_at_the_end_of_memory_like_the_vectorised_walk():
+    twin = TwinShadows(T.LEVEL_REGION_THIRD, None)
+    try:
+        t = twin.tables
+        t.map(0x1FE000, 0x200000, 4)  # columns 254, 255 of segment 1 and 0, 1 of segment 2
+        twin.rpcit(t.iota, 0, PAL, 0x1FE000, 4 * 4096)
+        # A page table whose second half lies past the end of memory reads as all zero.
+        t.set_segment_entry(0x200000, EQ_MEM_B[0] + MiB - 2048)
+        r = twin.rpcit(t.iota, 0, PAL, 0x1FE000, 4 * 4096)
+        assert (r.error.pec, r.error.iova, r.unmapped) == (T.ZPCI_PEC_INVALID_TABLE_ENTRY, 0x200000, 0)
+        # A segment table ending 1 KiB into a page: segment entry 1919 lies inside
+        # memory, 1920 outside; one read of both reads that page piece as zeros.
+        sto = EQ_MEM_B[0] + MiB - 16 * 1024
+        twin.b.write(MiB - 16 * 1024 + 1919 * 8, struct.pack(">Q", t.segment_entry(0x100000)))
+        t.set_region_entry(0, sto | 0x4 | 0x3)
+        r = twin.rpcit(t.iota, 0, PAL, 1920 * MiB - 2 * 4096, 4 * 4096)
+        assert (r.error.pec, r.error.iova, r.mapped) == (T.ZPCI_PEC_INVALID_TABLE_ENTRY, 1920 * MiB - 2 * 4096, 0)
+        r = twin.rpcit(t.iota, 0, PAL, 1920 * MiB - 2 * 4096, 2 * 4096)  # entry 1919 alone
+        assert (r.error, r.mapped) == (None, 2) and twin.scalar.lookup(1920 * MiB - 4096) == (0x201000, True)
+    finally:
+        twin.close()
