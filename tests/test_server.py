@@ -139,7 +139,7 @@ async def test_next_client_sees_a_reset_function_and_nothing_leaks(sock_dir):
             assert struct.unpack_from("<H", cfg, cap + 2)[0] & PCI_MSIX_FLAGS_ENABLE == 0
             assert struct.unpack_from("<H", cfg, 4)[0] == 0  # command register
             assert await c.region_read(4, REG_SCRATCH, 4) == bytes(4)
-            assert fn.attaches == 2
+            assert fn.counters.attaches == 2
 
 
 async def test_session_crash_of_one_client_does_not_stop_the_socket(sock_dir):

@@ -59,7 +59,6 @@ class PciFunction:
         self._msix_vectors = msix_vectors
         self.dma = DmaSpace(max_dma_maps)
         self.session: Session | None = None
-        self.attaches = 0
         # Session-scoped nursery (set by the server): device work that may wait on
         # the client must not run inside a register access, because QEMU serves
         # DMA_READ/DMA_WRITE under the lock its vCPU holds while it waits for
@@ -115,7 +114,6 @@ class PciFunction:
     def attach(self, session: Session) -> None:
         self.session = session
         self.dma.message_io = session
-        self.attaches += 1
         self.counters.attaches += 1
 
     def detach(self) -> None:
