@@ -204,8 +204,6 @@ class PciFunction:
             "irq_eventfds": self.irqs.installed(),
             "msix_enabled": bool(self.msix and self.msix.enabled),
             "zpci": self.zpci.describe(),
-            "shadow_mappings": self.zpci.shadow.mapped,
-            "dma_limit_remaining": self.zpci.shadow.available,
             "counters": {k: v for k, v in attrs.asdict(self.counters).items() if k != "errors"}
             | {"errors": dict(self.counters.errors)},
         }

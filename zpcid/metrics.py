@@ -61,9 +61,10 @@ class FunctionCollector:
             except Exception:  # a scrape must not fail because one function misbehaves
                 log.get("zpcid.metrics").exception("describe_failed", fid=label)
                 info = {}
-            shadow.add_metric([label], info.get("shadow_mappings", 0) or 0)
-            if info.get("dma_limit_remaining") is not None:
-                remaining.add_metric([label], info["dma_limit_remaining"])
+            zpci = info.get("zpci", {})
+            shadow.add_metric([label], zpci.get("shadow_mappings", 0) or 0)
+            if zpci.get("dma_limit_remaining") is not None:
+                remaining.add_metric([label], zpci["dma_limit_remaining"])
             c = function.counters
             for field, family in counters.items():
                 family.add_metric([label], getattr(c, field, 0))
