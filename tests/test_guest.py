@@ -133,3 +133,17 @@ def test_iota_helpers():
     assert "designation" in T.Iota.unpack(0x800 | (7 << 2)).check_aperture(0, 4095)
     with pytest.raises(ValueError):
         T.Iota.for_table(0x4100)
+
+
+def test_following_a_garbage_origin_is_a_clean_error():
+    """A planted entry whose origin lies far outside guest memory (top bit set)."""
+    from zpcid.memfd import Memfd
+
+    with Memfd(4 << 20) as mem:
+        gt = GuestTables(mem, 1 << 20, 1 << 20)
+        gt.map(1 << 32, 1 << 20, 1)
+        gt.set_segment_entry(1 << 32, gt.segment_entry(1 << 32) ^ (1 << 63))
+        with pytest.raises(ValueError):
+            gt.pte(1 << 32)
+        with pytest.raises(ValueError):
+            gt.map(1 << 32, 2 << 20, 1)

@@ -96,16 +96,25 @@ class GuestTables:
         self._fill(addr, T.ZPCI_PT_ENTRIES, T.ZPCI_PTE_INVALID)
         return addr
 
+    def _check(self, addr: int, size: int) -> None:
+        # Tests plant garbage origins; following one must fail like any other
+        # bad address instead of overflowing the buffer APIs.
+        if addr < 0 or addr + size > self.memory_size:
+            raise ValueError(f"guest address {addr:#x}+{size:#x} outside guest memory")
+
     def _entries(self, addr: int, count: int) -> np.ndarray:
+        self._check(addr, count * 8)
         return np.frombuffer(self._buf, dtype=">u8", count=count, offset=addr)
 
     def _fill(self, addr: int, count: int, value: int) -> None:
         self._entries(addr, count)[:] = value
 
     def read_u64(self, addr: int) -> int:
+        self._check(addr, 8)
         return struct.unpack_from(">Q", self._buf, addr)[0]
 
     def write_u64(self, addr: int, value: int) -> None:
+        self._check(addr, 8)
         struct.pack_into(">Q", self._buf, addr, value & 0xFFFF_FFFF_FFFF_FFFF)
 
     # ----------------------------------------------------------------- walking
