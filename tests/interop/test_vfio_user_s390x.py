@@ -20,24 +20,16 @@ import dataclasses
 import functools
 import hashlib
 import json
-import os
-import re
-import shutil
 import struct
-import tempfile
 from pathlib import Path
-from typing import Any, Callable
 
 import pytest
-import structlog
-import trio
 
+import harness
 import qemu as qh
-from zpcid import client as zclient
-from zpcid import devices, log
+from harness import PCI_COMMAND, Session
 from zpcid.devices import memory as mem
 from zpcid.properties import ZpciProperties
-from zpcid.server import FunctionServer
 
 ZPCI_UID, ZPCI_FID = 0x1234, 0x10
 GUEST_MEM = 512 << 20  # qh.run_guest's default guest RAM
@@ -47,10 +39,7 @@ APERTURE_START = 1 << 32
 PAGE = 4096
 
 BOOT_TIMEOUT = 60.0
-DETACH_TIMEOUT = 10.0
-LOG_TAIL = 12000
 
-PCI_COMMAND = 0x04
 PCI_COMMAND_MEMORY = 0x2
 # <linux/ioport.h> flags, as printed in /sys/bus/pci/devices/*/resource.
 IORESOURCE_MEM = 0x200
@@ -241,143 +230,17 @@ def test_mmio_program_layout() -> None:
         prog.parse(out[:-1])
 
 
-# ------------------------------------------------------------------ daemon side
-
-
-@dataclasses.dataclass
-class Session:
-    """Everything one QEMU run against one function left behind."""
-
-    result: qh.GuestResult
-    kv: dict[str, str]  # KEY=VALUE lines the guest printed
-    events: list[dict]  # the daemon's structlog events (JSON lines)
-    log_text: str
-    dma_changes: list[tuple[str, int, int, int, bool, bool]]  # kind, iova, size, offset, fd, writable
-    peaks: dict[str, int]  # the function's state while QEMU was attached
-    after_detach: dict[str, Any]
-    next_client: dict[str, int]
-    fn: Any
-
-    @property
-    def diag(self) -> str:
-        return (f"\n--- QEMU console (tail) ---\n{self.result.output[-LOG_TAIL:]}"
-                f"\n--- zpcid log (tail) ---\n{self.log_text[-LOG_TAIL:]}")
-
-    def named(self, event: str) -> list[dict]:
-        return [e for e in self.events if e["event"] == event]
-
-    def protocol_maps(self) -> list[dict]:
-        # The endpoint's DMA_MAP events (the DMA space logs its own without "flags").
-        return [e for e in self.named("dma_map") if "flags" in e]
-
-    def protocol_unmaps(self) -> list[dict]:
-        return [e for e in self.named("dma_unmap") if "all" in e]
-
-
-def _kv(text: str) -> dict[str, str]:
-    out = {}
-    for line in text.splitlines():
-        m = re.match(r"^([A-Z0-9_]+)=(.*)$", line.strip())
-        if m:
-            out[m.group(1)] = m.group(2).strip()
-    return out
-
-
-def _function_types() -> dict[str, Callable[..., Any]]:
-    """The registered function types; a type module that fails to import only
-    takes its own type away (virtio-blk is younger than memory)."""
-    try:
-        devices.load_all()
-    except ImportError:
-        from zpcid.devices import memory  # noqa: F401
-    return devices.TYPES
-
-
-async def _watch(fn, peaks: dict[str, int]) -> None:
-    """Record what the function looked like while QEMU was attached."""
-    while True:
-        if fn.session is not None:
-            peaks["dma_maps"] = max(peaks.get("dma_maps", 0), len(fn.dma))
-            peaks["irq_eventfds"] = max(peaks.get("irq_eventfds", 0), fn.irqs.installed())
-            peaks["command"] = peaks.get("command", 0) | fn.config.u16(PCI_COMMAND)
-            peaks["msix_enabled"] = peaks.get("msix_enabled", 0) | int(bool(fn.msix and fn.msix.enabled))
-        await trio.sleep(0.01)
-
-
-async def _wait_detached(server: FunctionServer) -> None:
-    with trio.fail_after(DETACH_TIMEOUT):
-        while server.attached:
-            await trio.sleep(0.02)
-
-
-async def _serve_one_boot(fn, sock: str, logfile: Path, boot: Callable[[], qh.GuestResult],
-                          next_client: Callable[[zclient.Client], Any]) -> Session:
-    """Serve ``fn`` while ``boot`` runs QEMU, then once more for the reference client."""
-    saved = structlog.get_config()
-    changes: list[tuple[str, int, int, int, bool, bool]] = []
-    fn.dma.listeners.append(lambda kind, r: changes.append(
-        (kind, r.iova, r.size, r.offset, r.file is not None, r.writable)))
-    with open(logfile, "w") as stream:
-        # Every daemon event, as JSON lines, into a file the tests read.
-        log.configure(fmt="json", level="debug", stream=stream)
-        try:
-            async with trio.open_nursery() as nursery:
-                server = await nursery.start(FunctionServer(fn, sock).serve)
-                peaks: dict[str, int] = {}
-                nursery.start_soon(_watch, fn, peaks)
-                result = await trio.to_thread.run_sync(boot)
-                await _wait_detached(server)
-                after = {
-                    "dma_maps": len(fn.dma),
-                    "dma_files": fn.dma.file_count,
-                    "irq_eventfds": fn.irqs.installed(),
-                    "command": fn.config.u16(PCI_COMMAND),
-                    "msix_enabled": bool(fn.msix and fn.msix.enabled),
-                    "attaches": fn.counters.attaches,
-                }
-                async with zclient.connect(sock) as c:
-                    nxt = await next_client(c)
-                await _wait_detached(server)
-                nxt["attaches"] = fn.counters.attaches
-                nursery.cancel_scope.cancel()
-        except Exception as exc:
-            # The tests cannot look at a session that never finished: show why.
-            stream.flush()
-            raise AssertionError(f"daemon side failed: {exc!r}\n--- zpcid log (tail) ---\n"
-                                 f"{logfile.read_text()[-LOG_TAIL:]}") from exc
-        finally:
-            structlog.configure(**saved)
-    text = logfile.read_text()
-    return Session(
-        result=result, kv=_kv(result.guest_output()),
-        events=[json.loads(line) for line in text.splitlines() if line.startswith("{")],
-        log_text=text, dma_changes=changes, peaks=peaks, after_detach=after,
-        next_client=nxt, fn=fn,
-    )
+# ------------------------------------------------------------------ common to both functions
 
 
 def _device_arg(sock: str) -> list[str]:
-    vfu = json.dumps({"driver": "vfio-user-pci", "id": "vfu0",
-                      "socket": {"type": "unix", "path": sock}})
+    vfu = harness.vfio_user_device(sock, "vfu0")
     return ["-device", f"zpci,uid={ZPCI_UID:#x},fid={ZPCI_FID:#x},target=vfu0", "-device", vfu]
 
 
 def _find_function(vendor: int, device: int) -> str:
     """busybox sh: set D to the function's sysfs directory and print its zPCI identity."""
-    return f"""\
-D=
-for d in /sys/bus/pci/devices/*; do
-  if [ "$(cat $d/vendor)" = "{vendor:#06x}" ] && [ "$(cat $d/device)" = "{device:#06x}" ]; then D=$d; fi
-done
-if [ -z "$D" ]; then
-  echo FN=missing
-  for d in /sys/bus/pci/devices/*; do echo "PCI ${{d##*/}} $(cat $d/vendor) $(cat $d/device)"; done
-  exit 1
-fi
-echo "FN=${{D##*/}}"
-echo "VENDOR=$(cat $D/vendor)"
-echo "DEVICE=$(cat $D/device)"
-echo "CLASS=$(cat $D/class)"
+    return harness.find_function_sh(vendor, device) + """\
 echo "UID=$(cat $D/uid)"
 echo "FUNCTION_ID=$(cat $D/function_id)"
 echo "UID_IS_UNIQUE=$(cat $D/uid_is_unique)"
@@ -386,8 +249,6 @@ echo "PFGID=$(cat $D/pfgid)"
 echo "PCHID=$(cat $D/pchid)"
 echo "MIO_ENABLED=$(cat $D/mio_enabled)"
 echo "IOMMU_TYPE=$(cat $D/iommu_group/type)"
-i=0
-while read start end flags; do echo "RES$i=$start $end $flags"; i=$((i + 1)); done < $D/resource
 """
 
 
@@ -502,7 +363,7 @@ class MemoryBoot:
 
 async def _memory_session(qemu: qh.QemuInstall, workdir: Path, sock: str) -> MemoryBoot:
     backing = workdir / "bar0.ram"
-    fn = _function_types()["memory"]("m0", vendor=MEM_VENDOR, device=MEM_DEVICE,
+    fn = harness.function_types()["memory"]("m0", vendor=MEM_VENDOR, device=MEM_DEVICE,
                                      ram_size=RAM_SIZE, backing=str(backing),
                                      zpci=ZpciProperties(fid=ZPCI_FID, uid=ZPCI_UID))
     fn.ram.mm[HOST_OFFSET : HOST_OFFSET + 4] = _le(HOST_VALUE)
@@ -516,7 +377,7 @@ async def _memory_session(qemu: qh.QemuInstall, workdir: Path, sock: str) -> Mem
                 "host_word": int.from_bytes(await c.region_read(0, HOST_OFFSET, 4), "little")}
 
     try:
-        s = await _serve_one_boot(fn, sock, workdir / "zpcid.log", boot, next_client)
+        s = await harness.serve_one_boot(fn, sock, workdir / "zpcid.log", boot, next_client)
     finally:
         fn.close()
     mmio = None
@@ -531,11 +392,7 @@ async def _memory_session(qemu: qh.QemuInstall, workdir: Path, sock: str) -> Mem
 @pytest.fixture(scope="module")
 def memory_boot(qemu, tmp_path_factory) -> MemoryBoot:
     workdir = tmp_path_factory.mktemp("vfio-user-s390x-memory")
-    sock_dir = tempfile.mkdtemp(prefix="zpcid-q")  # short: AF_UNIX path limit
-    try:
-        return trio.run(_memory_session, qemu, workdir, os.path.join(sock_dir, "fn.sock"))
-    finally:
-        shutil.rmtree(sock_dir, ignore_errors=True)
+    return harness.run_with_socket(functools.partial(_memory_session, qemu, workdir))
 
 
 def test_memory_guest_ran_cleanly(memory_boot: MemoryBoot) -> None:
@@ -637,24 +494,12 @@ SERIAL = "zpcid-s390x-0001"
 PASSTHROUGH = "iommu.passthrough=1"
 
 
-def _pattern(seed: bytes, n: int) -> bytes:
-    out = bytearray()
-    i = 0
-    while len(out) < n:
-        out += hashlib.sha256(seed + i.to_bytes(4, "little")).digest()
-        i += 1
-    return bytes(out[:n])
-
-
-GUEST_DATA = _pattern(b"s390x-guest", GUEST_LEN)
-HOST_DATA = _pattern(b"s390x-host", HOST_LEN)
+GUEST_DATA = harness.pattern(b"s390x-guest", GUEST_LEN)
+HOST_DATA = harness.pattern(b"s390x-host", HOST_LEN)
 
 
 def _vblk_body() -> str:
-    return _find_function(VBLK_VENDOR, VBLK_DEVICE) + f"""\
-i=0
-while [ ! -b /dev/vda ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i + 1)); done
-[ -b /dev/vda ] || {{ echo VDA=missing; ls /sys/block; exit 1; }}
+    return _find_function(VBLK_VENDOR, VBLK_DEVICE) + harness.WAIT_FOR_VDA + f"""\
 echo "DRIVER=$(basename $(readlink $D/driver))"
 echo "SIZE=$(cat /sys/block/vda/size)"
 echo "SERIAL=$(cat /sys/block/vda/serial)"
@@ -695,7 +540,7 @@ async def _vblk_session(qemu: qh.QemuInstall, workdir: Path, sock: str, append: 
         f.truncate(DISK_SIZE)
         f.seek(HOST_OFFSET_BLK)
         f.write(HOST_DATA)
-    fn = _function_types()["virtio-blk"]("vblk0", path=str(disk), serial=SERIAL,
+    fn = harness.function_types()["virtio-blk"]("vblk0", path=str(disk), serial=SERIAL,
                                          zpci=ZpciProperties(fid=ZPCI_FID, uid=ZPCI_UID))
     script = qh.guest_script_for(qemu, "s390x", _vblk_body(), modules=["virtio_blk"])
     boot = functools.partial(
@@ -708,8 +553,8 @@ async def _vblk_session(qemu: qh.QemuInstall, workdir: Path, sock: str, append: 
                 "device": int.from_bytes(cfg[2:], "little")}
 
     try:
-        s = await _serve_one_boot(fn, sock, workdir / "zpcid.log", boot, next_client)
-        s.after_detach["virtio_status"] = fn.transport.status
+        s = await harness.serve_one_boot(fn, sock, workdir / "zpcid.log", boot, next_client,
+                                         after=lambda fn: {"virtio_status": fn.transport.status})
     finally:
         fn.close()
     return VblkBoot(s, append, disk.read_bytes(), dict(fn.stats))
@@ -717,15 +562,11 @@ async def _vblk_session(qemu: qh.QemuInstall, workdir: Path, sock: str, append: 
 
 @pytest.fixture(scope="module", params=["", PASSTHROUGH], ids=["default-iommu", "passthrough"])
 def vblk_boot(request, qemu, tmp_path_factory) -> VblkBoot:
-    if "virtio-blk" not in _function_types():
+    if "virtio-blk" not in harness.function_types():
         pytest.skip("the virtio-blk function type is not available (zpcid.devices.virtio_blk)")
     workdir = tmp_path_factory.mktemp("vfio-user-s390x-vblk")
-    sock_dir = tempfile.mkdtemp(prefix="zpcid-q")
-    try:
-        return trio.run(_vblk_session, qemu, workdir, os.path.join(sock_dir, "fn.sock"),
-                        request.param)
-    finally:
-        shutil.rmtree(sock_dir, ignore_errors=True)
+    return harness.run_with_socket(
+        functools.partial(_vblk_session, qemu, workdir, append=request.param))
 
 
 def test_vblk_guest_ran_cleanly(vblk_boot: VblkBoot) -> None:

@@ -11,31 +11,21 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import os
-import re
-import shutil
 import struct
-import tempfile
 from pathlib import Path
 
 import pytest
-import structlog
-import trio
 
+import harness
 import qemu as qh
-from zpcid import client as zclient
-from zpcid import log
-from zpcid import devices
+from harness import Session
 from zpcid.devices import memory as mem
-from zpcid.server import FunctionServer
 
 VENDOR, DEVICE = 0x1014, 0xFE01
 CLASS = 0x050000  # memory controller, RAM (what MemoryFunction declares)
 RAM_SIZE = 2 << 20  # not the type's default, so BAR0's size is ours
 MSIX_BAR_SIZE = 0x4000
 REGS_BAR_SIZE = 0x1000
-PCI_COMMAND = 0x04
 PCI_COMMAND_MEMORY = 0x2
 
 # <linux/ioport.h> flags, as printed in /sys/bus/pci/devices/*/resource.
@@ -54,7 +44,6 @@ DMA_LEN = 36  # an ACPI table header, read from guest RAM by device DMA
 UNMAPPED_IOVA = 1 << 36  # far above the guest's 512 MiB: no DMA map there
 
 BOOT_TIMEOUT = 90.0
-DETACH_TIMEOUT = 10.0
 
 
 def _guest_body() -> str:
@@ -63,24 +52,9 @@ def _guest_body() -> str:
         f'wr "$B0 + {off}" 32 {val:#x}\necho "RAM_{off:X}=$(rd "$B0 + {off}" 32)"'
         for off, val in GUEST_PATTERN
     )
-    return f"""\
+    return harness.find_function_sh(VENDOR, DEVICE) + f"""\
 rd() {{ devmem $(printf 0x%x $(($1))) $2; }}
 wr() {{ devmem $(printf 0x%x $(($1))) $2 $3; }}
-D=
-for d in /sys/bus/pci/devices/*; do
-  if [ "$(cat $d/vendor)" = "{VENDOR:#06x}" ] && [ "$(cat $d/device)" = "{DEVICE:#06x}" ]; then D=$d; fi
-done
-if [ -z "$D" ]; then
-  echo FN=missing
-  for d in /sys/bus/pci/devices/*; do echo "PCI ${{d##*/}} $(cat $d/vendor) $(cat $d/device)"; done
-  exit 1
-fi
-echo "FN=${{D##*/}}"
-echo "VENDOR=$(cat $D/vendor)"
-echo "DEVICE=$(cat $D/device)"
-echo "CLASS=$(cat $D/class)"
-i=0
-while read start end flags; do echo "RES$i=$start $end $flags"; i=$((i + 1)); done < $D/resource
 # No driver binds the function: 'enable' has the kernel turn on memory decoding.
 echo 1 > $D/enable || echo ENABLE=failed
 echo "COMMAND=0x$(dd if=$D/config bs=2 skip=2 count=1 2>/dev/null | od -An -tx2 | tr -d ' ')"
@@ -113,159 +87,75 @@ echo GUEST-BODY-END
 
 @dataclasses.dataclass
 class Boot:
-    """Everything one QEMU session against the function left behind."""
+    """The QEMU session against the function, and BAR0's backing file after it."""
 
-    result: qh.GuestResult
-    kv: dict[str, str]  # KEY=VALUE lines the guest printed
-    events: list[dict]  # the daemon's structlog events (JSON lines)
-    log_text: str
-    dma_changes: list[tuple[str, int, int, bool, bool]]  # kind, iova, size, has fd, writable
-    ram: bytes  # BAR0's backing file after QEMU left
-    while_attached: dict[str, int]  # peaks of the function's state during the boot
-    after_detach: dict[str, int]  # function state once QEMU was gone
-    next_client: dict[str, int]  # what the reference client read afterwards
-
-    @property
-    def diag(self) -> str:
-        return (f"\n--- QEMU console ---\n{self.result.output}"
-                f"\n--- zpcid log ---\n{self.log_text}")
-
-    def named(self, event: str) -> list[dict]:
-        return [e for e in self.events if e["event"] == event]
-
-
-def _kv(text: str) -> dict[str, str]:
-    out = {}
-    for line in text.splitlines():
-        m = re.match(r"^([A-Z0-9_]+)=(.*)$", line.strip())
-        if m:
-            out[m.group(1)] = m.group(2).strip()
-    return out
-
-
-async def _wait_detached(server: FunctionServer) -> None:
-    with trio.fail_after(DETACH_TIMEOUT):
-        while server.attached:
-            await trio.sleep(0.02)
-
-
-async def _watch(fn: mem.MemoryFunction, peaks: dict[str, int]) -> None:
-    """Record the highest DMA map and eventfd counts seen while QEMU is attached."""
-    while True:
-        state = fn.describe()
-        if state["attached"]:
-            for key in ("dma_maps", "irq_eventfds"):
-                peaks[key] = max(peaks.get(key, 0), state[key])
-        await trio.sleep(0.02)
+    s: Session
+    ram: bytes
 
 
 async def _session(qemu: qh.QemuInstall, workdir: Path, sock: str) -> Boot:
     backing = workdir / "bar0.ram"
-    logfile = workdir / "zpcid.log"
-    device_arg = json.dumps({"driver": "vfio-user-pci", "id": "zpcid0",
-                             "socket": {"type": "unix", "path": sock}})
     # iomem=relaxed: the kernel's IO_STRICT_DEVMEM must not stand between
     # /dev/mem and BARs (no driver claims them, but be explicit).
     boot = functools.partial(qh.run_guest, qemu, "x86_64", qh.guest_script(_guest_body()),
-                             qemu_args=["-device", device_arg], append="iomem=relaxed",
-                             timeout=BOOT_TIMEOUT)
-    saved = structlog.get_config()
-    with open(logfile, "w") as stream:
-        # Every daemon event, as JSON lines, into a file the tests read.
-        log.configure(fmt="json", level="debug", stream=stream)
-        try:
-            # By type name and options, as a configuration file would ask for it.
-            devices.load_all()
-            fn = devices.TYPES["memory"]("qemu0", ram_size=RAM_SIZE, backing=str(backing),
-                                         vendor=VENDOR, device=DEVICE)
-            fn.ram.mm[HOST_OFFSET : HOST_OFFSET + 4] = struct.pack("<I", HOST_VALUE)
-            changes: list[tuple[str, int, int, bool, bool]] = []
-            fn.dma.listeners.append(lambda kind, r: changes.append(
-                (kind, r.iova, r.size, r.file is not None, r.writable)))
-            try:
-                async with trio.open_nursery() as nursery:
-                    server = await nursery.start(FunctionServer(fn, sock).serve)
-                    peaks: dict[str, int] = {}
-                    nursery.start_soon(_watch, fn, peaks)
-                    result = await trio.to_thread.run_sync(boot)
-                    await _wait_detached(server)
-                    after = {
-                        "dma_maps": len(fn.dma),
-                        "dma_files": fn.dma.file_count,
-                        "irq_eventfds": fn.irqs.installed(),
-                        "command": fn.config.u16(PCI_COMMAND),
-                        "scratch": struct.unpack_from("<I", fn.regs, mem.REG_SCRATCH)[0],
-                        "attaches": fn.counters.attaches,
-                    }
-                    async with zclient.connect(sock) as c:
-                        nxt = {
-                            "magic": int.from_bytes(
-                                await c.region_read(4, mem.REG_MAGIC, 4), "little"),
-                            "scratch": int.from_bytes(
-                                await c.region_read(4, mem.REG_SCRATCH, 4), "little"),
-                            "host_word": int.from_bytes(
-                                await c.region_read(0, HOST_OFFSET, 4), "little"),
-                        }
-                    await _wait_detached(server)
-                    nxt["attaches"] = fn.counters.attaches
-                    nursery.cancel_scope.cancel()
-            finally:
-                fn.close()
-        finally:
-            structlog.configure(**saved)
-    text = logfile.read_text()
-    return Boot(
-        result=result,
-        kv=_kv(result.guest_output()),
-        events=[json.loads(line) for line in text.splitlines() if line.startswith("{")],
-        log_text=text,
-        dma_changes=changes,
-        ram=backing.read_bytes(),
-        while_attached=peaks,
-        after_detach=after,
-        next_client=nxt,
-    )
+                             qemu_args=["-device", harness.vfio_user_device(sock, "zpcid0")],
+                             append="iomem=relaxed", timeout=BOOT_TIMEOUT)
+    # By type name and options, as a configuration file would ask for it.
+    fn = harness.function_types()["memory"]("qemu0", ram_size=RAM_SIZE, backing=str(backing),
+                                            vendor=VENDOR, device=DEVICE)
+    fn.ram.mm[HOST_OFFSET : HOST_OFFSET + 4] = struct.pack("<I", HOST_VALUE)
+
+    def scratch(fn) -> dict[str, int]:
+        return {"scratch": struct.unpack_from("<I", fn.regs, mem.REG_SCRATCH)[0]}
+
+    async def next_client(c) -> dict[str, int]:
+        return {"magic": int.from_bytes(await c.region_read(4, mem.REG_MAGIC, 4), "little"),
+                "scratch": int.from_bytes(await c.region_read(4, mem.REG_SCRATCH, 4), "little"),
+                "host_word": int.from_bytes(await c.region_read(0, HOST_OFFSET, 4), "little")}
+
+    try:
+        s = await harness.serve_one_boot(fn, sock, workdir / "zpcid.log", boot, next_client,
+                                         after=scratch)
+    finally:
+        fn.close()
+    return Boot(s, backing.read_bytes())
 
 
 @pytest.fixture(scope="module")
 def boot(qemu, tmp_path_factory) -> Boot:
     workdir = tmp_path_factory.mktemp("vfio-user-x86")
-    sock_dir = tempfile.mkdtemp(prefix="zpcid-q")  # short: AF_UNIX path limit
-    try:
-        return trio.run(_session, qemu, workdir, os.path.join(sock_dir, "fn.sock"))
-    finally:
-        shutil.rmtree(sock_dir, ignore_errors=True)
+    return harness.run_with_socket(functools.partial(_session, qemu, workdir))
 
 
 def test_guest_ran_to_completion(boot: Boot) -> None:
-    r = boot.result
-    assert not r.timed_out, boot.diag
-    assert r.done and r.exit_status() == 0, boot.diag
-    assert r.returncode == 0, boot.diag
-    assert "GUEST-BODY-END" in r.guest_output(), boot.diag
+    r = boot.s.result
+    assert not r.timed_out, boot.s.diag
+    assert r.done and r.exit_status() == 0, boot.s.diag
+    assert r.returncode == 0, boot.s.diag
+    assert "GUEST-BODY-END" in r.guest_output(), boot.s.diag
     # QEMU reports vfio-user trouble on its stderr as "qemu-system-...: ..." lines.
-    assert not [l for l in r.lines if l.startswith("qemu-system-")], boot.diag
+    assert not [l for l in r.lines if l.startswith("qemu-system-")], boot.s.diag
     bad = {"protocol_error", "handler_failed", "session_failed", "unexpected_reply"}
-    assert not [e for e in boot.events if e["event"] in bad], boot.diag
+    assert not [e for e in boot.s.events if e["event"] in bad], boot.s.diag
 
 
 def test_guest_sees_configured_identity(boot: Boot) -> None:
-    kv = boot.kv
-    assert kv.get("VENDOR") == f"{VENDOR:#06x}", boot.diag
-    assert kv.get("DEVICE") == f"{DEVICE:#06x}", boot.diag
-    assert int(kv["CLASS"], 16) == CLASS, boot.diag
+    kv = boot.s.kv
+    assert kv.get("VENDOR") == f"{VENDOR:#06x}", boot.s.diag
+    assert kv.get("DEVICE") == f"{DEVICE:#06x}", boot.s.diag
+    assert int(kv["CLASS"], 16) == CLASS, boot.s.diag
 
 
 def test_guest_sees_bars(boot: Boot) -> None:
     """BAR0 RAM (prefetchable), BAR2 MSI-X, BAR4 registers: 64-bit memory BARs."""
     rows = []
     for i in range(7):  # six BARs and the expansion ROM
-        start, end, flags = (int(x, 16) for x in boot.kv[f"RES{i}"].split())
+        start, end, flags = (int(x, 16) for x in boot.s.kv[f"RES{i}"].split())
         rows.append((start, end - start + 1 if end else 0, flags))
     for index, size, prefetch in ((0, RAM_SIZE, True), (2, MSIX_BAR_SIZE, False),
                                   (4, REGS_BAR_SIZE, False)):
         start, got, flags = rows[index]
-        assert got == size, (index, rows, boot.diag)
+        assert got == size, (index, rows, boot.s.diag)
         assert start and start % size == 0, (index, rows)
         assert flags & IORESOURCE_MEM and not flags & IORESOURCE_IO, (index, hex(flags))
         assert flags & IORESOURCE_MEM_64, (index, hex(flags))
@@ -275,59 +165,60 @@ def test_guest_sees_bars(boot: Boot) -> None:
 
 
 def test_trapped_registers_reach_the_function(boot: Boot) -> None:
-    kv = boot.kv
-    assert "ENABLE" not in kv, boot.diag
-    assert int(kv["COMMAND"], 16) & PCI_COMMAND_MEMORY, boot.diag
-    assert int(kv["MAGIC"], 16) == mem.MAGIC, boot.diag
-    assert int(kv["VERSION"], 16) == 1, boot.diag
-    assert int(kv["REG_RAM_SIZE"], 16) == RAM_SIZE, boot.diag
-    assert int(kv["SCRATCH"], 16) == SCRATCH_VALUE, boot.diag
+    kv = boot.s.kv
+    assert "ENABLE" not in kv, boot.s.diag
+    assert int(kv["COMMAND"], 16) & PCI_COMMAND_MEMORY, boot.s.diag
+    assert int(kv["MAGIC"], 16) == mem.MAGIC, boot.s.diag
+    assert int(kv["VERSION"], 16) == 1, boot.s.diag
+    assert int(kv["REG_RAM_SIZE"], 16) == RAM_SIZE, boot.s.diag
+    assert int(kv["SCRATCH"], 16) == SCRATCH_VALUE, boot.s.diag
     # The function itself saw the guest's write (its own event, not QEMU's echo).
-    writes = [int(e["value"], 16) for e in boot.named("scratch_write")]
-    assert writes == [SCRATCH_VALUE], boot.diag
+    writes = [int(e["value"], 16) for e in boot.s.named("scratch_write")]
+    assert writes == [SCRATCH_VALUE], boot.s.diag
 
 
 def test_bar0_is_the_shared_backing_file(boot: Boot) -> None:
-    kv = boot.kv
-    assert int(kv["HOST_WORD"], 16) == HOST_VALUE, boot.diag
+    kv = boot.s.kv
+    assert int(kv["HOST_WORD"], 16) == HOST_VALUE, boot.s.diag
     assert len(boot.ram) == RAM_SIZE
     for off, val in GUEST_PATTERN:
-        assert int(kv[f"RAM_{off:X}"], 16) == val, boot.diag
-        assert struct.unpack_from("<I", boot.ram, off)[0] == val, (hex(off), boot.diag)
+        assert int(kv[f"RAM_{off:X}"], 16) == val, boot.s.diag
+        assert struct.unpack_from("<I", boot.ram, off)[0] == val, (hex(off), boot.s.diag)
 
 
 def test_guest_ram_arrives_as_fd_dma_maps(boot: Boot) -> None:
-    maps = [c for c in boot.dma_changes if c[0] == "map"]
+    maps = [c for c in boot.s.dma_changes if c[0] == "map"]
     # All guest RAM (512 MiB memfd) is mapped writable through descriptors...
-    assert any(fd and writable and size >= 256 << 20 for _, _, size, fd, writable in maps), maps
-    logged = [e for e in boot.named("dma_map") if "flags" in e]  # the endpoint's events
-    assert len(logged) == len(maps) and any(e["fd"] for e in logged), boot.diag
+    assert any(fd and writable and size >= 256 << 20 for _, _, size, _, fd, writable in maps), maps
+    logged = boot.s.protocol_maps()  # the endpoint's events
+    assert len(logged) == len(maps) and any(e["fd"] for e in logged), boot.s.diag
     # ...and the function reached it by DMA: BAR0 starts with what the guest
     # kernel reads at that physical address.
-    kv = boot.kv
-    assert int(kv["DMA_STATUS"], 16) == 0, boot.diag
+    kv = boot.s.kv
+    assert int(kv["DMA_STATUS"], 16) == 0, boot.s.diag
     head = bytes.fromhex(kv["DSDT_HEAD"])
-    assert head[:4] == b"DSDT" and len(head) == DMA_LEN, boot.diag
-    assert boot.ram[:DMA_LEN] == head, boot.diag
+    assert head[:4] == b"DSDT" and len(head) == DMA_LEN, boot.s.diag
+    assert boot.ram[:DMA_LEN] == head, boot.s.diag
 
 
 def test_dma_outside_the_maps_is_a_fault_not_a_failure(boot: Boot) -> None:
-    kv = boot.kv
-    assert int(kv["FAULT_STATUS"], 16) == 1, boot.diag
-    assert int(kv["MAGIC_AFTER_FAULT"], 16) == mem.MAGIC, boot.diag
-    faults = boot.named("dma_fault")
-    assert len(faults) == 1 and f"{UNMAPPED_IOVA:#x}" in faults[0]["error"], boot.diag
+    kv = boot.s.kv
+    assert int(kv["FAULT_STATUS"], 16) == 1, boot.s.diag
+    assert int(kv["MAGIC_AFTER_FAULT"], 16) == mem.MAGIC, boot.s.diag
+    faults = boot.s.named("dma_fault")
+    assert len(faults) == 1 and f"{UNMAPPED_IOVA:#x}" in faults[0]["error"], boot.s.diag
 
 
 def test_function_is_reset_and_serves_the_next_client(boot: Boot) -> None:
     # While attached QEMU had DMA maps and eventfds (SET_IRQS with descriptors)...
-    assert boot.while_attached.get("dma_maps", 0) > 0, boot.while_attached
-    assert boot.while_attached.get("irq_eventfds", 0) > 0, boot.while_attached
+    assert boot.s.peaks.get("dma_maps", 0) > 0, boot.s.peaks
+    assert boot.s.peaks.get("irq_eventfds", 0) > 0, boot.s.peaks
     # ...and its exit left nothing behind: maps, mmaps, eventfds, decoding, registers.
-    assert boot.after_detach == {"dma_maps": 0, "dma_files": 0, "irq_eventfds": 0,
-                                 "command": 0, "scratch": 0, "attaches": 1}, boot.diag
+    assert boot.s.after_detach == {"dma_maps": 0, "dma_files": 0, "irq_eventfds": 0,
+                                   "command": 0, "msix_enabled": False, "scratch": 0,
+                                   "attaches": 1}, boot.s.diag
     # The reference client attaches to the same socket and finds a fresh function
     # (RAM contents are the function's, not the client's, so they persist).
-    assert boot.next_client == {"magic": mem.MAGIC, "scratch": 0, "host_word": HOST_VALUE,
-                                "attaches": 2}
-    assert [e["event"] for e in boot.events].count("detach") == 2, boot.diag
+    assert boot.s.next_client == {"magic": mem.MAGIC, "scratch": 0, "host_word": HOST_VALUE,
+                                  "attaches": 2}
+    assert [e["event"] for e in boot.s.events].count("detach") == 2, boot.s.diag

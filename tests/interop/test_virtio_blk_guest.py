@@ -10,19 +10,15 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import os
-import re
 
 import pytest
-import trio
 
+import harness
 import qemu as qh
 from zpcid.devices.virtio_blk import VirtioBlkFunction
-from zpcid.server import FunctionServer
 
 BOOT_TIMEOUT = 150.0
-DETACH_TIMEOUT = 10.0
 DISK_SIZE = 16 << 20
 GUEST_OFFSET = 64 * 4096  # where the guest writes (bytes)
 GUEST_LEN = 1 << 20
@@ -32,28 +28,15 @@ SERIAL = "zpcid-vblk-0001"
 ZPCI_UID, ZPCI_FID = 0x1234, 0x10
 
 
-def _pattern(seed: bytes, n: int) -> bytes:
-    out = bytearray()
-    i = 0
-    while len(out) < n:
-        out += hashlib.sha256(seed + i.to_bytes(4, "little")).digest()
-        i += 1
-    return bytes(out[:n])
-
-
-GUEST_DATA = _pattern(b"guest", GUEST_LEN)
-HOST_DATA = _pattern(b"host", HOST_LEN)
+GUEST_DATA = harness.pattern(b"guest", GUEST_LEN)
+HOST_DATA = harness.pattern(b"host", HOST_LEN)
 
 
 def _body(arch: str) -> str:
     zpci = ""
     if arch == "s390x":
         zpci = 'for d in /sys/bus/pci/devices/*; do echo "ZPCI ${d##*/} $(cat $d/uid 2>/dev/null) $(cat $d/function_id 2>/dev/null) $(cat $d/vendor) $(cat $d/device)"; done'
-    return f"""\
-{zpci}
-i=0
-while [ ! -b /dev/vda ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i + 1)); done
-[ -b /dev/vda ] || {{ echo VDA=missing; ls /sys/block; exit 1; }}
+    return zpci + "\n" + harness.WAIT_FOR_VDA + f"""\
 echo "SIZE=$(cat /sys/block/vda/size)"
 echo "SERIAL=$(cat /sys/block/vda/serial)"
 echo "RO=$(cat /sys/block/vda/ro)"
@@ -67,15 +50,6 @@ cmp /pattern.bin /tmp/back && echo VERIFY=ok
 """
 
 
-def _kv(text: str) -> dict[str, str]:
-    out = {}
-    for line in text.splitlines():
-        m = re.match(r"^([A-Z0-9_]+)=(.*)$", line.strip())
-        if m:
-            out[m.group(1)] = m.group(2).strip()
-    return out
-
-
 async def _run(qemu, arch: str, sock_dir: str, tmp_path, qemu_args_for, append: str = ""):
     disk = tmp_path / "disk.img"
     with open(disk, "wb") as f:
@@ -84,25 +58,17 @@ async def _run(qemu, arch: str, sock_dir: str, tmp_path, qemu_args_for, append: 
         f.write(HOST_DATA)
     fn = VirtioBlkFunction("vblk0", path=str(disk), num_queues=2, serial=SERIAL)
     sock = os.path.join(sock_dir, "vblk.sock")
-    device = json.dumps({"driver": "vfio-user-pci", "id": "zpcid0",
-                         "socket": {"type": "unix", "path": sock}})
+    device = harness.vfio_user_device(sock, "zpcid0")
     script = qh.guest_script_for(qemu, arch, _body(arch), modules=["virtio_blk"])
     boot = functools.partial(qh.run_guest, qemu, arch, script,
                              qemu_args=[*qemu_args_for(device)], modules=["virtio_blk"],
                              extra_files={"pattern.bin": GUEST_DATA}, append=append,
                              timeout=BOOT_TIMEOUT)
     try:
-        async with trio.open_nursery() as nursery:
-            server = await nursery.start(FunctionServer(fn, sock).serve)
-            result = await trio.to_thread.run_sync(boot)
-            with trio.fail_after(DETACH_TIMEOUT):
-                while server.attached:
-                    await trio.sleep(0.02)
-            nursery.cancel_scope.cancel()
+        s = await harness.serve_one_boot(fn, sock, tmp_path / "zpcid.log", boot)
     finally:
         fn.close()
-    kv = _kv(result.guest_output())
-    detail = result.output[-6000:]
+    kv, result, detail = s.kv, s.result, s.diag
     assert result.done, detail
     assert kv.get("SIZE") == str(DISK_SIZE // 512), detail
     assert kv.get("SERIAL") == SERIAL, detail
