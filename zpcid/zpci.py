@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
+from protocol import consts as C
 from protocol import zpci as Z
 from protocol import zpci_tables as T
 from protocol.errors import ProtocolError
@@ -363,7 +364,6 @@ class ZpciCore:
             self.function.counters.errors[f"pec_{pec:#04x}"] += 1
         self.log.warning("zpci_event", pec=hex(pec), faddr=hex(faddr), reason=reason,
                          kind=entry["type"])
-        from protocol import consts as C
         self.function.irqs.signal(C.VFIO_PCI_ERR_IRQ_INDEX)
         self.publish()
 
