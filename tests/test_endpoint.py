@@ -279,3 +279,22 @@ async def test_qemu_style_set_irqs_and_doorbell(sock_dir):
             finally:
                 for fd in efds:
                     os.close(fd)
+
+
+async def test_client_without_fd_capacity_gets_no_mmappable_regions(sock_dir):
+    """A VERSION with max_msg_fds 0: regions are offered through messages only."""
+    from protocol import messages as M
+    from zpcid.devices.memory import MemoryFunction
+    from helpers import serving
+    import zpcid.client as zc
+
+    fn = MemoryFunction("nofd")
+    caps = M.Capabilities(max_msg_fds=0)
+    async with serving(fn, sock_dir) as srv:
+        async with zc.connect(srv.path, caps=caps) as c:
+            rm = await c.region_info(0)
+            assert rm.mm is None and not rm.info.flags & C.VFIO_REGION_INFO_FLAG_MMAP
+            assert not any(isinstance(cap, M.SparseMmapCap) for cap in rm.info.caps)
+            await c.region_write(0, 0, b"via messages")
+            assert await c.region_read(0, 0, 12) == b"via messages"
+    fn.close()

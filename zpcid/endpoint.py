@@ -7,6 +7,7 @@ import errno
 import itertools
 import time
 
+import attrs
 import trio
 
 from protocol import consts as C
@@ -274,6 +275,13 @@ class Endpoint:
     async def _h_region_info(self, msg, fds):
         req = M.RegionInfo.unpack_request(msg.payload)
         desc = self.device.region_info(req.index)
+        flags, caps, fd = desc.flags, desc.caps, desc.fd
+        if fd is not None and self.client_caps is not None and self.client_caps.max_msg_fds == 0:
+            # The client can take no descriptors: offer the region as not mmappable.
+            flags &= ~C.VFIO_REGION_INFO_FLAG_MMAP
+            caps = tuple(c for c in caps if not isinstance(c, M.SparseMmapCap))
+            fd = None
+        desc = attrs.evolve(desc, flags=flags, caps=caps, fd=fd)
         info = M.RegionInfo(0, desc.flags, req.index, 0, desc.size, desc.offset, desc.caps)
         payload, fits = info.pack_reply(req.argsz)
         # Like libvfio-user, the fd travels only with the complete reply.
