@@ -403,25 +403,24 @@ class _Stop(Exception):
     """Internal: the walk cannot achieve more in this pass."""
 
 
-def _read_entries(mem: GuestMemory, addr: int, count: int) -> np.ndarray:
-    """``count`` big-endian u64 table entries at ``addr`` as native uint64.
+def _entry_views(mem: GuestMemory, addr: int, count: int):
+    """Yield (first, end, view) over the ``count`` u64 entries at ``addr`` that are mapped.
 
-    Decision: entries outside guest memory read as 0, like QEMU's loads
-    from unassigned memory, so they surface as PEC 0x07 (invalid table entry).
+    One view when the range is mapped whole, else one per 4 KiB page (guest
+    memory is mapped with page granularity).  Decision: entries outside guest
+    memory are skipped, so readers see 0 there, like QEMU's loads from
+    unassigned memory, and they surface as PEC 0x07 (invalid table entry).
     """
-    out = np.zeros(count, np.uint64)
     n = min(count * 8, max(0, (1 << 64) - addr) & ~7)  # never past the 64-bit space
     if n == 0:
-        return out
+        return
     try:
         v = mem.view(addr, n)
     except DmaFault:
-        v = None
-    if v is not None:
-        out[: n // 8] = np.frombuffer(v, dtype=">u8")
-        del v
-        return out
-    # Piecewise by 4 KiB page: guest memory is mapped with page granularity.
+        pass
+    else:
+        yield 0, n // 8, v
+        return
     pos = addr
     end = addr + n
     while pos < end:
@@ -431,9 +430,15 @@ def _read_entries(mem: GuestMemory, addr: int, count: int) -> np.ndarray:
         except DmaFault:
             pass
         else:
-            out[(pos - addr) // 8:(stop - addr) // 8] = np.frombuffer(v, dtype=">u8")
-            del v
+            yield (pos - addr) // 8, (stop - addr) // 8, v
         pos = stop
+
+
+def _read_entries(mem: GuestMemory, addr: int, count: int) -> np.ndarray:
+    """``count`` big-endian u64 table entries at ``addr`` as native uint64 (0 where unmapped)."""
+    out = np.zeros(count, np.uint64)
+    for first, end, v in _entry_views(mem, addr, count):
+        out[first:end] = np.frombuffer(v, dtype=">u8")
     return out
 
 
@@ -659,27 +664,8 @@ def _unpack_u64s(buf, count: int, offset: int = 0) -> tuple[int, ...]:
 def _read_u64s(mem: GuestMemory, addr: int, count: int) -> list[int]:
     """``_read_entries`` as a list of ints: the same views, the same zeros outside memory."""
     out = [0] * count
-    n = min(count * 8, max(0, (1 << 64) - addr) & ~7)
-    if n == 0:
-        return out
-    try:
-        v = mem.view(addr, n)
-    except DmaFault:
-        pass
-    else:
-        out[: n // 8] = _unpack_u64s(v, n // 8)
-        return out
-    pos = addr
-    end = addr + n
-    while pos < end:
-        stop = min(end, (pos | (PAGE - 1)) + 1)
-        try:
-            v = mem.view(pos, stop - pos)
-        except DmaFault:
-            pass
-        else:
-            out[(pos - addr) // 8:(stop - addr) // 8] = _unpack_u64s(v, (stop - pos) // 8)
-        pos = stop
+    for first, end, v in _entry_views(mem, addr, count):
+        out[first:end] = _unpack_u64s(v, end - first)
     return out
 
 
