@@ -489,6 +489,21 @@ async def test_reset_mid_io_stops_processing_and_keeps_file_consistent(disk, soc
     fn.close()
 
 
+
+async def start_writes(fn, drv, mem, n, size):
+    """Queue ``n`` writes of ``size`` bytes (request i fills with byte i+1) and
+    return once the device has started on them."""
+    q = drv.queues[0]
+    for i in range(n):
+        h, data = mem.alloc(32), mem.alloc(size)
+        mem.write(h, hdr(T_OUT, i * size // 512) + b"\xff")
+        mem.write(data, bytes([i + 1]) * size)
+        q.publish(await q.add([(h, 16, False), (data, size, False), (h + 16, 1, True)]))
+    await q.notify()
+    with trio.fail_after(WAIT):
+        while fn.stats["writes"] < 1:
+            await trio.sleep(0.001)
+
 async def test_detach_mid_io_and_reattach(disk, sock_dir):
     fn = VirtioBlkFunction("vb0", path=disk, size="8M", io_threads=1)
     nreq, size = 32, 128 * 1024
@@ -496,17 +511,7 @@ async def test_detach_mid_io_and_reattach(disk, sock_dir):
         async with zclient.connect(server.path) as c:
             mem = GuestMemory(16 * MiB)
             async with open_blk(c, mem) as drv:
-                q = drv.queues[0]
-                for i in range(nreq):
-                    h = mem.alloc(32)
-                    data = mem.alloc(size)
-                    mem.write(h, hdr(T_OUT, i * size // 512) + b"\xff")
-                    mem.write(data, bytes([i + 1]) * size)
-                    q.publish(await q.add([(h, 16, False), (data, size, False), (h + 16, 1, True)]))
-                await q.notify()
-                with trio.fail_after(WAIT):
-                    while fn.stats["writes"] < 1:
-                        await trio.sleep(0.001)
+                await start_writes(fn, drv, mem, nreq, size)
             # leaving the client context disconnects mid-I/O
         with trio.fail_after(WAIT):
             while server.attached or not fn.service.done.is_set():
@@ -534,16 +539,7 @@ async def test_close_right_after_detach_releases_the_file(disk, sock_dir):
         async with zclient.connect(server.path) as c:
             mem = GuestMemory(16 * MiB)
             async with open_blk(c, mem) as drv:
-                q = drv.queues[0]
-                for i in range(16):
-                    h, data = mem.alloc(32), mem.alloc(size)
-                    mem.write(h, hdr(T_OUT, i * size // 512) + b"\xff")
-                    mem.write(data, bytes([i + 1]) * size)
-                    q.publish(await q.add([(h, 16, False), (data, size, False), (h + 16, 1, True)]))
-                await q.notify()
-                with trio.fail_after(WAIT):
-                    while fn.stats["writes"] < 1:
-                        await trio.sleep(0.001)
+                await start_writes(fn, drv, mem, 16, size)
         with trio.fail_after(WAIT):
             while server.attached:
                 await trio.sleep(0.001)
