@@ -490,6 +490,15 @@ class _Walk:
         self.truncated = False
         self.error: TranslationError | None = None
 
+    def account(self, counts: tuple[int, int, int, int], lo: int, end: int) -> None:
+        """Add one applied span's (mapped, unmapped, changed, skipped) to the pass."""
+        mp, um, ch, sk = counts
+        self.mapped += mp
+        self.unmapped += um
+        self.changed += ch
+        self.skipped += sk
+        self.pages += (end - lo) >> T.PAGE_SHIFT
+
     def fail(self, pec: int, iova: int, message: str) -> None:
         self.error = TranslationError(pec, max(iova, self.start), message)
         raise _Stop
@@ -619,12 +628,7 @@ class _Walk:
                     frames = (ste[fc_rows] & _N_SFAA) | np.where(sprot[fc_rows], _SH_VALID, _SH_RW)
                     new[fc_rows] = frames[:, None] + _PAGE_OFFSETS
                 rows = ((end - 1) >> T.ZPCI_ST_SHIFT) - s0 + 1
-                mp, um, ch, sk = self.shadow.apply_rows(s0, new[:rows], lo, end)
-                self.mapped += mp
-                self.unmapped += um
-                self.changed += ch
-                self.skipped += sk
-                self.pages += (end - lo) >> T.PAGE_SHIFT
+                self.account(self.shadow.apply_rows(s0, new[:rows], lo, end), lo, end)
         if error is not None:
             self.fail(*error)
 
@@ -759,12 +763,7 @@ class _SmallWalk(_Walk):
                         break
             pos = seg_end
         if end > lo:
-            mp, um, ch, sk = self._apply(lo, new)
-            self.mapped += mp
-            self.unmapped += um
-            self.changed += ch
-            self.skipped += sk
-            self.pages += (end - lo) >> T.PAGE_SHIFT
+            self.account(self._apply(lo, new), lo, end)
         if error is not None:
             self.fail(*error)
 
