@@ -7,7 +7,6 @@ region (``docs/zpci-region.md``).
 from __future__ import annotations
 
 import collections
-import ctypes
 import enum
 import struct
 import time
@@ -21,6 +20,7 @@ from protocol.zpci import tables as T
 from protocol.errors import ProtocolError
 from protocol.vfio_user.messages import TypeCap
 from zpcid.vfio_user.dma import DmaFault
+from zpcid.zpci.atomic import set_indicator_bit
 from zpcid.zpci.iommu import ShadowIotlb, TranslationError, rpcit as walk_rpcit
 from zpcid.vfio_user.regions import MemfdRegion
 
@@ -106,37 +106,6 @@ class AdapterInterrupts:
     aisbo: int
     aibv: int
     aisb: int
-
-
-# ---------------------------------------------------------------- atomic indicator bits
-def _load_fetch_or():
-    try:
-        lib = ctypes.CDLL("libatomic.so.1")
-        fn = lib.__atomic_fetch_or_1
-    except (OSError, AttributeError):
-        return None
-    fn.restype = ctypes.c_uint8
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_uint8, ctypes.c_int]
-    return fn
-
-
-_FETCH_OR = _load_fetch_or()
-_SEQ_CST = 5
-
-
-def set_indicator_bit(view: memoryview, address: int | None, bit: int) -> bool:
-    """Set MSB-first bit ``bit`` of the byte string; True if it was clear.
-
-    The guest clears these bits concurrently from other vCPUs, so the OR must be
-    atomic on the shared memory (libatomic); ``address`` is view[0]'s address.
-    """
-    byte, mask = bit // 8, 0x80 >> (bit % 8)
-    if _FETCH_OR is not None and address is not None:
-        old = _FETCH_OR(address + byte, mask, _SEQ_CST)
-    else:  # no libatomic: a plain read-modify-write under the GIL
-        old = view[byte]
-        view[byte] = old | mask
-    return not old & mask
 
 
 class ControlRegion(MemfdRegion):
@@ -794,12 +763,10 @@ class ZpciCore:
             return False
         try:
             bit = a.aibvo + vector
-            view = self._guest_view(a.aibv + bit // 8, 1, True)
-            set_indicator_bit(view, self._address(a.aibv + bit // 8), bit % 8)
+            set_indicator_bit(self._address(a.aibv + bit // 8), bit % 8)
             raise_irq = True
             if a.summary:
-                sview = self._guest_view(a.aisb + a.aisbo // 8, 1, True)
-                raise_irq = set_indicator_bit(sview, self._address(a.aisb + a.aisbo // 8), a.aisbo % 8)
+                raise_irq = set_indicator_bit(self._address(a.aisb + a.aisbo // 8), a.aisbo % 8)
         except DmaFault:
             self.error(Z.ZPCI_PEC_AI_INDICATOR, a.aibv, "adapter interrupt indicators not mapped")
             return False
@@ -808,10 +775,10 @@ class ZpciCore:
         # is only needed when that bit went from 0 to 1.
         return raise_irq
 
-    def _address(self, gpa: int) -> int | None:
+    def _address(self, gpa: int) -> int:
+        """Process address of a writable guest byte, or DmaFault (unmapped, read-only, message mode)."""
+        self._guest_view(gpa, 1, True)  # the same checks as every other guest access
         r = self.function.dma.find(gpa)
-        if r is None or r.file is None:
-            return None
         return r.file.address + r.mm_offset + (gpa - r.iova)
 
     # ------------------------------------------------------------------ control socket
