@@ -11,7 +11,7 @@ import struct
 
 import trio
 
-from zpcid.devices.crc32c import crc32c
+from crc32c import crc32c
 from zpcid.devices import register
 from zpcid.vfio_user.dma import DmaFault
 from zpcid.pci.function import PciFunction
