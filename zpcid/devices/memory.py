@@ -19,9 +19,12 @@ from __future__ import annotations
 
 import struct
 
+import attrs
+
 from zpcid.devices import register
 from zpcid.vfio_user.dma import DmaFault
 from zpcid.pci.function import PciFunction
+from zpcid.snapshot import Snapshot, expect, require
 from zpcid.vfio_user.regions import MemfdRegion, WindowedRegion
 
 MAGIC = 0x7A706369
@@ -59,6 +62,16 @@ class MemoryFunction(PciFunction):
             self.regs[:] = bytes(0x40)
             struct.pack_into("<II", self.regs, REG_MAGIC, MAGIC, 1)
             struct.pack_into("<Q", self.regs, REG_RAM_SIZE, self.ram.size)
+
+    def device_snapshot(self) -> "MemoryRegsSnapshot":
+        """The register block (the RAM BAR is a memfd, captured with the BARs)."""
+        return MemoryRegsSnapshot(regs=bytes(self.regs), rings=self.rings)
+
+    def device_restore(self, snap) -> None:
+        expect(snap, MemoryRegsSnapshot)
+        require(len(snap.regs) == len(self.regs), "memory register block has another size")
+        self.regs[:] = snap.regs
+        self.rings = snap.rings
 
     async def _reg_read(self, offset: int, count: int) -> bytes:
         struct.pack_into("<I", self.regs, REG_RINGS, self.rings & 0xFFFFFFFF)
@@ -101,6 +114,13 @@ class MemoryFunction(PciFunction):
             self.log.warning("dma_fault", error=str(exc))
             status = 1
         struct.pack_into("<I", self.regs, REG_DMA_STATUS, status)
+
+
+@attrs.frozen
+class MemoryRegsSnapshot(Snapshot):
+    KIND = "devices.memory"
+    regs: bytes
+    rings: int
 
 
 @register("memory")

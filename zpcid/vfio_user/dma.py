@@ -19,6 +19,7 @@ from typing import Awaitable, Callable, Protocol
 import attrs
 
 from zpcid import log
+from zpcid.snapshot import Fd, Snapshot, SnapshotError, expect, require
 
 PAGE = 4096
 _log = log.get("zpcid.vfio_user.dma")
@@ -59,8 +60,19 @@ class FileMap:
     start: int  # file offset mapped at mm[0]
     length: int
     writable: bool
+    fd: int = -1  # our own duplicate: what a snapshot hands to the next process
     refs: int = 0
     _addr: int | None = None
+
+    def close(self) -> None:
+        try:
+            self.mm.close()
+        except BufferError:
+            # A device still holds a view; the mapping goes when the view does.
+            _log.warning("dma_mapping_busy", key=str(self.key[:2]))
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
     @property
     def address(self) -> int:
@@ -210,7 +222,12 @@ class DmaSpace:
             mm = mmap.mmap(fd, length, mmap.MAP_SHARED, prot, offset=start)
         except (OSError, ValueError, OverflowError) as exc:
             raise DmaError(f"cannot mmap DMA descriptor: {exc}", getattr(exc, "errno", None) or errno.EINVAL)
-        fm = FileMap(key, mm, start, length, fd_writable)
+        try:
+            own = os.dup(fd)
+        except OSError as exc:
+            mm.close()
+            raise DmaError(f"cannot keep DMA descriptor: {exc}", exc.errno or errno.EMFILE)
+        fm = FileMap(key, mm, start, length, fd_writable, own)
         old = self._files.get(key)
         if old is not None:
             # Superseded by a larger mapping; the old one lives on while referenced.
@@ -296,24 +313,41 @@ class DmaSpace:
             fm.refs -= 1
             if fm.refs == 0:
                 self._files.pop(fm.key, None)
-                try:
-                    fm.mm.close()
-                except BufferError:
-                    # A device still holds a view; the mapping goes when the view does.
-                    _log.warning("dma_mapping_busy", key=str(fm.key[:2]))
+                fm.close()
 
     def close(self) -> None:
         self.clear()
         for fm in list(self._files.values()):
-            try:
-                fm.mm.close()
-            except BufferError:
-                pass
+            fm.close()
         self._files.clear()
 
     @property
     def file_count(self) -> int:
         return len(self._files)
+
+    # ------------------------------------------------------------------ snapshot
+    def snapshot(self) -> "DmaSnapshot":
+        """Every mapping, with the fd of the file it maps (borrowed)."""
+        return DmaSnapshot(maps=tuple(
+            (r.iova, r.size, r.readable, r.writable,
+             Fd(r.file.fd) if r.file is not None else None, r.offset)
+            for r in self._regions))
+
+    def restore(self, snap: "DmaSnapshot") -> None:
+        """Map what ``snap`` holds into this (empty) space; takes its fds."""
+        try:
+            expect(snap, DmaSnapshot)
+            require(not self._regions, "DMA space to restore into is not empty")
+            require(len(snap.maps) <= self.max_maps,
+                    f"{len(snap.maps)} DMA maps exceed the limit of {self.max_maps}")
+            for iova, size, readable, writable, fd, offset in snap.maps:
+                try:
+                    self.add(iova, size, readable, writable, fd, offset)
+                except DmaError as exc:
+                    self.clear()
+                    raise SnapshotError(f"DMA map {iova:#x}+{size:#x}: {exc}") from None
+        finally:
+            snap.close_fds()  # add() keeps its own duplicates
 
 
 def _accmode(fd: int) -> int:
@@ -325,3 +359,11 @@ def _accmode(fd: int) -> int:
 def _same_file(fd: int, fm: FileMap) -> bool:
     st = os.fstat(fd)
     return (st.st_dev, st.st_ino) == fm.key[:2]
+
+
+@attrs.frozen
+class DmaSnapshot(Snapshot):
+    """The client's DMA maps: (iova, size, readable, writable, fd or None, file offset)."""
+
+    KIND = "vfio_user.dma"
+    maps: tuple = ()

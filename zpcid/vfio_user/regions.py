@@ -10,6 +10,7 @@ import attrs
 
 from protocol.vfio_user import consts as C
 from protocol.vfio_user.messages import RegionCap, SparseMmapCap
+from zpcid.snapshot import Fd, Snapshot, expect, require
 
 
 class RegionError(Exception):
@@ -89,6 +90,24 @@ class MemfdRegion(Region):
             pass
         os.close(self.fd)
 
+    def snapshot(self) -> "MemfdRegionSnapshot":
+        """The memory itself is the fd: the client has it mapped, so the next process
+        must serve the same file, never a copy."""
+        return MemfdRegionSnapshot(size=self.size, fd=Fd(self.fd))
+
+    def restore(self, snap: "MemfdRegionSnapshot") -> None:
+        """Serve the snapshot's file instead of our own (takes its fd)."""
+        try:
+            expect(snap, MemfdRegionSnapshot)
+            require(snap.size == self.size, f"region of {snap.size:#x} bytes restored into one of {self.size:#x}")
+            require(os.fstat(snap.fd).st_size >= self.size, "region file is shorter than the region")
+            mm = mmap.mmap(snap.fd, self.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except BaseException:
+            snap.close_fds()
+            raise
+        self.close()
+        self.fd, self.mm = int(snap.fd), mm
+
 
 ReadFn = Callable[[int, int], Awaitable[bytes]]
 WriteFn = Callable[[int, bytes], Awaitable[None]]
@@ -129,3 +148,10 @@ class WindowedRegion(Region):
         w = self._window(offset, len(data))
         if w is not None:
             await w.write(offset - w.offset, data)
+
+
+@attrs.frozen
+class MemfdRegionSnapshot(Snapshot):
+    KIND = "vfio_user.memfd_region"
+    size: int
+    fd: Fd
