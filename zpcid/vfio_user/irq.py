@@ -21,7 +21,34 @@ class IrqError(Exception):
 
 
 def signal_eventfd(fd: int) -> None:
-    os.eventfd_write(fd, 1)
+    """Add 1 to an eventfd without ever blocking.
+
+    The descriptor is non-blocking (``check_eventfd``); a counter at its maximum
+    (EAGAIN) already says "interrupt pending", as the kernel's eventfd_signal()
+    treats it.
+    """
+    try:
+        os.eventfd_write(fd, 1)
+    except BlockingIOError:
+        pass
+
+
+def check_eventfd(fd: int) -> None:
+    """Accept ``fd`` as an interrupt eventfd, or raise IrqError (EINVAL) saying why.
+
+    Anything else (a pipe, a socket, a file) could block or fail the write that
+    signals it, and with it the daemon.  The eventfd is made non-blocking: the
+    flag belongs to the open file shared with the client, which QEMU creates
+    non-blocking anyway; the kernel's eventfd_signal() never blocks either.
+    """
+    try:
+        target = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError as exc:
+        raise IrqError(f"descriptor {fd} cannot be inspected: {exc}") from None
+    if target != "anon_inode:[eventfd]":
+        kind = target.split(":", 1)[0] if ":" in target else "file"
+        raise IrqError(f"SET_IRQS needs eventfds; got a {kind} ({target.split('/')[-1][:40]})")
+    os.set_blocking(fd, False)
 
 
 class IrqTable:
@@ -85,6 +112,8 @@ class IrqTable:
             if dt == C.VFIO_IRQ_SET_DATA_EVENTFD:
                 if fds and len(fds) != count:
                     raise IrqError(f"{len(fds)} descriptors for {count} vectors")
+                for fd in fds:
+                    check_eventfd(fd)
                 self._release(index, start, start + count)
                 for i, fd in enumerate(fds):
                     self.fds[index][start + i] = fd
