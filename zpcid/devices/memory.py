@@ -105,9 +105,9 @@ class MemoryFunction(PciFunction):
         try:
             # Through dma_path, so a zPCI IOMMU in front of the client's map applies.
             if cmd == DMA_CMD_TO_HOST:
-                await self.dma_path.write(addr, self.ram.mm[:length])
+                await self.dma_path.write(addr, await self.ram.read(0, length))
             elif cmd == DMA_CMD_FROM_HOST:
-                self.ram.mm[:length] = await self.dma_path.read(addr, length)
+                await self.ram.write(0, await self.dma_path.read(addr, length))
             else:
                 status = 1
         except DmaFault as exc:
