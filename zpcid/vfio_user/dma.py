@@ -202,6 +202,17 @@ class DmaSpace:
             yield r, addr, n
             addr += n
 
+    def views(self, addr: int, length: int, write: bool) -> list[memoryview] | None:
+        """Memoryviews covering the range, one per mapping it crosses; None if a piece
+        is only reachable through DMA messages; DmaFault if a piece is not mapped."""
+        out = []
+        for r, a, n in self.segments(addr, length, write):
+            if r.file is None:
+                return None
+            off = r.mm_offset + (a - r.iova)
+            out.append(memoryview(r.file.mm)[off : off + n])
+        return out
+
     async def read(self, addr: int, length: int) -> bytes:
         if length == 0:
             return b""
