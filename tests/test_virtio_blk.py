@@ -15,6 +15,7 @@ from virtio_driver import (NEEDS_RESET, S_IOERR, S_OK, S_UNSUPP, T_DISCARD, T_FL
                            T_OUT, T_WRITE_ZEROES, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT,
                            VRING_DESC_F_WRITE, WAIT, DriverError, blk_guest, hdr, raw_chain,
                            wait_status)
+from zpcid import snapshot as S
 from zpcid.vmm import client as zclient
 from zpcid.vmm.client import read_eventfd, wait_eventfd
 from zpcid.devices import TYPES, load_all
@@ -24,6 +25,7 @@ from zpcid.devices.virtio import pci as vp
 from zpcid.vmm.virtio_driver import GuestMemory, open_blk
 
 MiB = 1 << 20
+GUEST_MEM_SNAP = 16 * MiB
 
 
 def pattern(seed: int, n: int) -> bytes:
@@ -674,3 +676,76 @@ async def test_a_full_ring_is_drained_and_answered_with_few_interrupts(disk, soc
         assert q.notifications - notifications < 64
         assert q.interrupts - interrupts < 64
     fn.close()
+
+
+# ---------------------------------------------------------------------- snapshot / restore
+
+
+def _through_bytes(snap):
+    """What a hand-over to another process does: JSON bytes plus duplicated fds."""
+    blob, fds = S.dumps(S.dup_fds(snap))
+    return S.loads(blob, fds)
+
+
+async def _common_regs(client) -> bytes:
+    return (await client.region_read(0, 0, 0x40) + await client.region_read(0, 0x2000, 0x3C)
+            + await client.region_read(7, 0, 256))
+
+
+async def test_snapshot_restore_continues_the_rings_in_a_fresh_function(disk, sock_dir):
+    make = lambda: VirtioBlkFunction("vb0", path=disk, size="4M", num_queues=2)  # noqa: E731
+    old = make()
+    async with serving(old, sock_dir, "old.sock") as old_srv, zclient.connect(old_srv.path) as c1:
+        mem = GuestMemory(GUEST_MEM_SNAP)
+        try:
+            async with open_blk(c1, mem) as drv:
+                for i in range(5):  # ring positions away from zero, on both queues
+                    await drv.write(i % 2, i * 8, pattern(20 + i, 4096))
+                assert await drv.read(1, 8, 4096) == pattern(21, 4096)
+                regs = await _common_regs(c1)
+                snap = old.snapshot()
+                assert snap.device.queues and snap.device.dirty
+                fresh = make()
+                fresh.restore(_through_bytes(snap))
+                assert S.same(fresh.snapshot(), snap)  # identical snapshot
+                old_stats = dict(old.stats)
+                async with serving(fresh, sock_dir, "new.sock") as new_srv, \
+                        zclient.connect(new_srv.path) as c2:
+                    assert await _common_regs(c2) == regs  # identical registers
+                    drv.client = c2  # the driver's notifications now reach the restored function
+                    for i in range(5, 40):  # past the used index the old function left
+                        await drv.write(i % 2, i * 8, pattern(20 + i, 4096))
+                    for i in range(40):
+                        assert await drv.read(i % 2, i * 8, 4096) == pattern(20 + i, 4096)
+                    assert await drv.flush(1) == S_OK
+                    assert fresh.stats["writes"] == old_stats["writes"] + 35
+                    drv.client = c1
+                assert old.stats == old_stats  # the old function saw none of it
+        finally:
+            mem.close()
+    for i in range(40):
+        assert host_read(disk, i * 8 * 512, 4096) == pattern(20 + i, 4096)
+    old.close()
+    fresh.close()
+
+
+async def test_snapshot_is_refused_with_requests_in_flight_and_restore_checks_the_disk(disk, sock_dir,
+                                                                                      tmp_path):
+    fn = VirtioBlkFunction("vb0", path=disk, size="8M", io_threads=1)
+    async with blk_guest(fn, sock_dir) as drv:
+        await start_writes(fn, drv, drv.mem, 8, 256 * 1024)
+        with pytest.raises(S.SnapshotError, match="in flight"):
+            fn.snapshot()
+        await drv.reinit()
+        snap = fn.device_snapshot()
+    other = VirtioBlkFunction("vb0", path=str(tmp_path / "other.img"), size="8M")
+    with pytest.raises(S.SnapshotError, match="not the snapshot's"):
+        other.device_restore(S.dup_fds(snap))
+    wrong_cache = VirtioBlkFunction("vb0", path=disk, cache="none")
+    copy = S.dup_fds(snap)
+    with pytest.raises(S.SnapshotError, match="cache mode"):
+        wrong_cache.device_restore(copy)
+    with pytest.raises(OSError):
+        os.fstat(copy.backing)  # the restore took the fd, also when it refused
+    for f in (fn, other, wrong_cache):
+        f.close()

@@ -19,11 +19,13 @@ import stat
 import struct
 from typing import Any
 
+import attrs
 import numpy as np
 import trio
 
 from zpcid.devices import register
 from zpcid.pci.function import PciFunction
+from zpcid.snapshot import Fd, Snapshot, SnapshotError, expect, require
 from zpcid.devices.virtio import pci as vp
 from zpcid.devices.virtio.queue import (Chain, GuardedDma, RingError, Service, SplitQueue, Stopped,
                                 gather, is_dma_error, scatter, slice_iov, validate_queue)
@@ -480,6 +482,10 @@ class VirtioBlkFunction(PciFunction):
         await self._stop_service()
 
     async def virtio_driver_ok(self) -> None:
+        self._start_service()
+
+    def _start_service(self, positions: tuple = ()) -> None:
+        """Run the enabled queues (from the ring positions of a snapshot, if given)."""
         t = self.transport
         prev = self.service
         if prev is not None:
@@ -491,6 +497,10 @@ class VirtioBlkFunction(PciFunction):
                           indirect=t.has(vp.VIRTIO_RING_F_INDIRECT_DESC))
             for i, q in enumerate(t.queues) if q.enabled
         }
+        for pos in positions:
+            require(pos.index in self.queues, f"snapshot has ring positions of queue {pos.index}, "
+                                              "which is not enabled")
+            self.queues[pos.index].restore(pos)
         self.service = service
         queues = list(self.queues.values())
 
@@ -814,6 +824,48 @@ class VirtioBlkFunction(PciFunction):
         self.log.info("virtio_blk_unsupported", type=rtype)
         return VIRTIO_BLK_S_UNSUPP
 
+    # ------------------------------------------------------------------ snapshot
+    def device_snapshot(self) -> "VirtioBlkSnapshot":
+        """Transport registers, ring positions, backing-file identity, dirty flag, stats.
+
+        Taken quiesced: a request in flight (a thread mid-I/O) cannot be captured.
+        """
+        if any(q.inflight or q.completed or q.publishing for q in self.queues.values()):
+            raise SnapshotError(f"virtio-blk {self.name} has requests in flight", errno.EBUSY)
+        running = self.service is not None and not self.service.stopped
+        dev, ino, capacity = self.backing.identity()
+        return VirtioBlkSnapshot(
+            transport=self.transport.snapshot(),
+            queues=tuple(q.snapshot() for _, q in sorted(self.queues.items())) if running else (),
+            backing=Fd(self.backing.fd), path=self.backing.path, dev=dev, ino=ino,
+            capacity=capacity, cache=self.backing.cache, readonly=self.readonly,
+            dirty=self.dirty, stats=dict(self.stats))
+
+    def device_restore(self, snap: "VirtioBlkSnapshot") -> None:
+        """Become the device ``snap`` was taken of; the queues run again if they ran.
+
+        This function was built from the same configuration and opened the disk
+        itself; the snapshot's fd only proves it is the same disk (and is closed).
+        Call it from inside trio (the queue service is a trio system task).
+        """
+        try:
+            expect(snap, VirtioBlkSnapshot)
+            st = os.fstat(snap.backing)
+            require((st.st_dev, st.st_ino) == (snap.dev, snap.ino),
+                    "the snapshot's backing fd is not the file it names")
+            require(self.backing.identity() == (snap.dev, snap.ino, snap.capacity),
+                    f"backing file {self.backing.path} is not the snapshot's {snap.path} "
+                    f"(device, inode or capacity differ)")
+            require((snap.cache, snap.readonly) == (self.backing.cache, self.readonly),
+                    "cache mode or read-only setting differs from the snapshot")
+            self.transport.restore(snap.transport)
+            self.dirty = snap.dirty
+            self.stats.update({k: v for k, v in snap.stats.items() if k in self.stats})
+            if snap.queues:
+                self._start_service(snap.queues)
+        finally:
+            snap.close_fds()
+
     # ------------------------------------------------------------------ lifecycle
     def reset_state(self) -> None:
         if hasattr(self, "transport"):
@@ -850,6 +902,22 @@ class VirtioBlkFunction(PciFunction):
             **self.stats,
         }
         return d
+
+
+@attrs.frozen
+class VirtioBlkSnapshot(Snapshot):
+    KIND = "devices.virtio_blk"
+    transport: Snapshot
+    queues: tuple  # QueueSnapshot per running queue; empty when the queues do not run
+    backing: Fd
+    path: str
+    dev: int
+    ino: int
+    capacity: int
+    cache: str
+    readonly: bool
+    dirty: bool
+    stats: dict
 
 
 @register("virtio-blk")

@@ -15,6 +15,7 @@ from typing import Awaitable, Callable
 import attrs
 import trio
 
+from zpcid.snapshot import Snapshot, expect
 from zpcid.vfio_user.dma import DmaFault
 from zpcid.devices.virtio.pci import QueueConfig
 
@@ -170,6 +171,18 @@ class SplitQueue:
         self.completed: list[tuple[int, int]] = []  # (head, written) not yet in the used ring
         self.publishing = False
 
+    # ------------------------------------------------------------------ snapshot
+    def snapshot(self) -> "QueueSnapshot":
+        """Ring positions (the rings themselves are driver memory); taken with no request in flight."""
+        return QueueSnapshot(index=self.index, last_avail=self.last_avail, used_idx=self.used_idx,
+                             signalled_used=self.signalled_used, heads=tuple(self.heads))
+
+    def restore(self, snap: "QueueSnapshot") -> None:
+        expect(snap, QueueSnapshot)
+        self.last_avail, self.used_idx = snap.last_avail & 0xFFFF, snap.used_idx & 0xFFFF
+        self.signalled_used = None if snap.signalled_used is None else snap.signalled_used & 0xFFFF
+        self.heads = collections.deque(snap.heads)
+
     # ------------------------------------------------------------------ avail side
     async def _avail_idx(self) -> int:
         return _u16.unpack(await self.dma.read(self.avail + 2, 2))[0]
@@ -272,6 +285,16 @@ class SplitQueue:
                 return ((new - event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
             flags = _u16.unpack(await self.dma.read(self.avail, 2))[0]
             return not flags & VRING_AVAIL_F_NO_INTERRUPT
+
+
+@attrs.frozen
+class QueueSnapshot(Snapshot):
+    KIND = "devices.virtio.queue"
+    index: int
+    last_avail: int
+    used_idx: int
+    signalled_used: int | None
+    heads: tuple  # heads taken from the avail ring, not yet started
 
 
 class Service:
