@@ -60,7 +60,11 @@ def bind_unix(path: str, mode: int = 0o600, backlog: int = 16) -> trio.socket.So
 class FunctionServer:
     """Listens on a function's socket and runs one ``Endpoint`` at a time."""
 
-    def __init__(self, function, path: str, *, mode: int = 0o600):
+    def __init__(self, function, path: str, *, mode: int = 0o600,
+                 listener: trio.socket.SocketType | None = None, on_attached=None):
+        """``listener``: an already listening socket someone else owns (the supervisor
+        keeps the path and the socket across worker restarts); ``on_attached(bool)`` is
+        told of every attach and detach."""
         self.function = function
         self.path = path
         self.mode = mode
@@ -69,14 +73,18 @@ class FunctionServer:
         self.log = log.get("zpcid.vfio_user.server", function=function.name)
         self._session_scope: trio.CancelScope | None = None
         self._detached = trio.Event()
-        self._listener: trio.socket.SocketType | None = None
+        self._listener = listener
+        self._owns_listener = listener is None
+        self._on_attached = on_attached or (lambda attached: None)
 
     @property
     def attached(self) -> bool:
         return self.endpoint is not None
 
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        self._listener = sock = bind_unix(self.path, self.mode)
+        if self._owns_listener:
+            self._listener = bind_unix(self.path, self.mode)
+        sock = self._listener
         self.log.info("listening", socket=self.path)
         try:
             async with trio.open_nursery() as nursery:
@@ -88,12 +96,13 @@ class FunctionServer:
                     else:
                         self._start_session(conn, nursery)
         finally:
-            sock.close()
-            try:
-                if stat.S_ISSOCK(os.lstat(self.path).st_mode):
-                    os.unlink(self.path)
-            except FileNotFoundError:
-                pass
+            if self._owns_listener:
+                sock.close()
+                try:
+                    if stat.S_ISSOCK(os.lstat(self.path).st_mode):
+                        os.unlink(self.path)
+                except FileNotFoundError:
+                    pass
             if self.endpoint is None:
                 self._detached.set()
 
@@ -117,6 +126,7 @@ class FunctionServer:
     async def _session(self, endpoint: Endpoint) -> None:
         self.function.attach(endpoint)
         self.log.info("attach", socket=self.path)
+        self._on_attached(True)
         try:
             with trio.CancelScope() as scope:
                 self._session_scope = scope
@@ -137,6 +147,7 @@ class FunctionServer:
                 self.function.detach()
             self.endpoint = None
             self._detached.set()
+            self._on_attached(False)
             self.log.info("detach", messages=endpoint.stats.messages, errors=endpoint.stats.errors)
 
     async def _refuse(self, conn: trio.socket.SocketType) -> None:
