@@ -21,7 +21,6 @@ import struct
 
 import attrs
 
-from zpcid.devices import register
 from zpcid.vfio_user.dma import DmaFault
 from zpcid.pci.function import PciFunction
 from zpcid.snapshot import Snapshot, expect, require
@@ -123,6 +122,5 @@ class MemoryRegsSnapshot(Snapshot):
     rings: int
 
 
-@register("memory")
 def make(name: str, **options) -> MemoryFunction:
     return MemoryFunction(name, **options)

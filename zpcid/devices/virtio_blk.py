@@ -23,7 +23,6 @@ import attrs
 import numpy as np
 import trio
 
-from zpcid.devices import register
 from zpcid.pci.function import PciFunction
 from zpcid.snapshot import Fd, Snapshot, SnapshotError, expect, require
 from zpcid.devices.virtio import pci as vp
@@ -920,6 +919,5 @@ class VirtioBlkSnapshot(Snapshot):
     stats: dict
 
 
-@register("virtio-blk")
 def make(name: str, **options) -> VirtioBlkFunction:
     return VirtioBlkFunction(name, **options)

@@ -143,6 +143,13 @@ class PciFunction:
         self.reset_state()
         self.zpci.function_reset()
 
+    def release_requested(self) -> bool:
+        """The VMM is asked to let go of the function; False if it cannot hear that."""
+        # zPCI: the guest learns through a "deconfiguration requested" event;
+        # vfio-user: the VMM through its REQ eventfd.
+        self.zpci.availability(0x0303, "removal requested")
+        return self.irqs.signal(C.VFIO_PCI_REQ_IRQ_INDEX)
+
     # ------------------------------------------------------------------ vfio-user device API
     def device_info(self) -> tuple[int, int, int]:
         num_regions = max(C.VFIO_PCI_NUM_REGIONS, max(self.regions) + 1)

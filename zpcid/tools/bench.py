@@ -30,6 +30,7 @@ from zpcid.vmm import client as vclient
 from zpcid import log
 from zpcid.zpci import core as Zr
 from zpcid.devices import dma_engine as D
+from zpcid.vmm.dma_engine_driver import Driver
 from zpcid.vfio_user.memfd import Memfd
 from zpcid.vmm.model import attach
 
@@ -348,7 +349,7 @@ async def bench_direct_map(path: str, rep: Report, raw_rtt: float, quick: bool) 
 
 
 async def _copy(vmm, src: int, dst: int, n: int) -> None:
-    st = await D.Driver(vmm.client, irq_fd=vmm.msix_fds[0], vector=0).run(D.OP_COPY, src, dst, n)
+    st = await Driver(vmm.client, irq_fd=vmm.msix_fds[0], vector=0).run(D.OP_COPY, src, dst, n)
     if not st & D.STATUS_DONE or st & D.STATUS_ERROR:
         raise RuntimeError(f"dma-engine copy failed: status {st:#x}")
 

@@ -10,7 +10,6 @@ import stat
 import trio
 
 from protocol.vfio_user.header import HEADER_SIZE, Header, error_reply
-from protocol.vfio_user import consts as C
 from zpcid import log
 from zpcid.vfio_user.endpoint import Endpoint
 from zpcid.vfio_user.transport import SocketTransport, close_fds
@@ -178,10 +177,7 @@ class FunctionServer:
         """
         if self.endpoint is None:
             return True
-        # zPCI: the guest learns through a "deconfiguration requested" event;
-        # vfio-user: the VMM through its REQ eventfd.
-        self.function.zpci.availability(0x0303, "removal requested")
-        if not self.function.irqs.signal(C.VFIO_PCI_REQ_IRQ_INDEX):
+        if not self.function.release_requested():
             timeout = 0  # the VMM installed no REQ eventfd: nobody would hear the request
         self.log.info("release_requested", timeout=timeout)
         with trio.move_on_after(timeout):
