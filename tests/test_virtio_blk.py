@@ -114,11 +114,13 @@ async def test_registered_type_and_option_errors(disk, tmp_path):
 # ---------------------------------------------------------------------- data path
 
 
-@pytest.mark.parametrize("shared", [True, False], ids=["memfd", "dma-messages"])
-async def test_write_flush_read_back_and_host_file(disk, sock_dir, shared):
+@pytest.mark.parametrize("shared,seal", [(True, None), (True, 0), (False, None)],
+                         ids=["memfd", "memfd-unsealed", "dma-messages"])
+async def test_write_flush_read_back_and_host_file(disk, sock_dir, shared, seal):
+    # Unsealed guest memory is reached with pread/pwrite on the client's fd, not mmapped.
     fn = VirtioBlkFunction("vb0", path=disk, size="8M")
     data = pattern(1, 64 * 1024)
-    async with blk_guest(fn, sock_dir, shared=shared) as drv:
+    async with blk_guest(fn, sock_dir, shared=shared, seal=seal) as drv:
         await drv.write(0, 100, data)
         assert await drv.flush(0) == S_OK
         assert await drv.read(0, 100, len(data)) == data

@@ -204,11 +204,12 @@ class DmaSpace:
 
     def views(self, addr: int, length: int, write: bool) -> list[memoryview] | None:
         """Memoryviews covering the range, one per mapping it crosses; None if a piece
-        is only reachable through DMA messages; DmaFault if a piece is not mapped."""
+        is reachable only through DMA messages or pread/pwrite; DmaFault if a piece is
+        not mapped."""
         out = []
         for r, a, n in self.segments(addr, length, write):
-            if r.file is None:
-                return None
+            if r.file is None or r.file.mm is None:
+                return None  # (a file the client could shrink is never mapped)
             off = r.mm_offset + (a - r.iova)
             out.append(memoryview(r.file.mm)[off : off + n])
         return out
