@@ -82,7 +82,7 @@ class MemoryFunction(PciFunction):
         if offset == REG_DOORBELL and len(data) == 4:
             vector = int.from_bytes(data, "little")
             self.rings += 1
-            self.log.info("doorbell", vector=vector)
+            self.log.debug("doorbell", vector=vector)
             if self.msix is not None and vector < self.msix.nvec:
                 self.msix.fire(vector)
             return

@@ -27,6 +27,8 @@ COUNTERS = {
     "dma_bytes_written": ("zpcid_dma_written_bytes", "Bytes the device wrote to guest memory by DMA"),
     "interrupts": ("zpcid_interrupts", "Interrupts signalled to the VMM"),
     "attaches": ("zpcid_attaches", "VMM clients that attached to the function"),
+    "vfio_dma_maps": ("zpcid_vfio_dma_maps", "DMA_MAP requests that added a client DMA mapping"),
+    "vfio_dma_unmaps": ("zpcid_vfio_dma_unmaps", "Client DMA mappings removed by DMA_UNMAP"),
 }
 
 

@@ -21,6 +21,7 @@ from typing import Awaitable, Callable, Protocol
 
 import attrs
 
+from protocol.errors import ErrnoError
 from zpcid import log
 from zpcid.snapshot import Fd, Snapshot, SnapshotError, expect, require
 from zpcid.vfio_user.memfd import cannot_shrink
@@ -32,19 +33,23 @@ MAX_COPIED_VIEW = 1 << 20
 _log = log.get("zpcid.vfio_user.dma")
 
 
-class DmaError(Exception):
+class DmaError(ErrnoError):
     """A DMA map request that cannot be honoured; carries the errno for the reply."""
 
     def __init__(self, message: str, errno_: int = errno.EINVAL):
-        super().__init__(message)
-        self.errno = errno_
+        super().__init__(message, errno_)
 
 
-class DmaFault(Exception):
-    """An access outside mapped memory or against its permissions."""
+class DmaFault(ErrnoError):
+    """An access outside mapped memory or against its permissions (EFAULT).
 
-    def __init__(self, addr: int, length: int, write: bool, reason: str):
-        super().__init__(f"DMA {'write' if write else 'read'} {addr:#x}+{length:#x}: {reason}")
+    ``client_gone``: a message-mode access failed because the client left.
+    """
+
+    def __init__(self, addr: int, length: int, write: bool, reason: str, *, client_gone: bool = False):
+        super().__init__(f"DMA {'write' if write else 'read'} {addr:#x}+{length:#x}: {reason}",
+                         errno.EFAULT)
+        self.client_gone = client_gone
         self.addr = addr
         self.length = length
         self.write = write
