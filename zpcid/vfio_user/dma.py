@@ -27,6 +27,9 @@ from zpcid.snapshot import Fd, Snapshot, SnapshotError, expect, require
 from zpcid.vfio_user.memfd import cannot_shrink
 
 PAGE = 4096
+# Distinct files one client may DMA-map (QEMU uses one per RAM block): each
+# costs a descriptor, and a function's descriptors must not run out.
+MAX_DMA_FILES = 512
 # Largest read-only view copied out of a file reached by pread (table walks
 # split larger spans themselves).
 MAX_COPIED_VIEW = 1 << 20
@@ -278,6 +281,8 @@ class DmaSpace:
             if fm is not None:
                 return fm
             start, length = offset, (size + PAGE - 1) & ~(PAGE - 1)
+        if len(self._files) >= MAX_DMA_FILES:
+            raise DmaError(f"DMA maps reference more than {MAX_DMA_FILES} distinct files", errno.ENOSPC)
         if not cannot_shrink(fd):
             # Policy (docs/reliability.md): a file the client could truncate under
             # us is never mapped; touching a page past its new end would be SIGBUS.

@@ -46,6 +46,11 @@ MAX_QUEUED_COMMANDS = 65536
 MAX_QUEUED_BYTES = 64 << 20
 # Commands served back to back before other tasks get a turn.
 SERVE_BATCH = 32
+# A client must complete VERSION this soon after connecting, and take what
+# zpcid sends within SEND_TIMEOUT; otherwise it is dropped, so one that trickles
+# bytes or never reads cannot hold the function from the next VMM.
+NEGOTIATE_TIMEOUT = 5.0
+SEND_TIMEOUT = 10.0
 
 _REGION_HEAD = struct.Struct("<QII")  # REGION_READ/WRITE: offset, region, count
 _REPLY = Flags.REPLY
@@ -109,6 +114,7 @@ class Endpoint:
             async with trio.open_nursery() as nursery:
                 self._session_scope = nursery.cancel_scope
                 nursery.start_soon(self._writer)
+                nursery.start_soon(self._negotiation_deadline)
                 try:
                     await self._serve()
                 except Disconnect as exc:
@@ -227,11 +233,20 @@ class Endpoint:
         while True:
             await self._output.wait()
             self._output = trio.Event()
-            try:
-                await self.transport.flush()
-            except OSError as exc:
-                self._drop(f"send failed: {exc}")
+            with trio.move_on_after(SEND_TIMEOUT) as stalled:
+                try:
+                    await self.transport.flush()
+                except OSError as exc:
+                    self._drop(f"send failed: {exc}")
+                    return
+            if stalled.cancelled_caught:
+                self._drop(f"client did not read for {SEND_TIMEOUT:g} s")
                 return
+
+    async def _negotiation_deadline(self) -> None:
+        await trio.sleep(NEGOTIATE_TIMEOUT)
+        if self.conn.state is State.AWAIT_VERSION:
+            self._drop(f"no VERSION within {NEGOTIATE_TIMEOUT:g} s")
 
     def _reply(self, msg: Message, payload: bytes = b"", fds=()) -> None:
         h = msg.header

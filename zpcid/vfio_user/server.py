@@ -16,6 +16,31 @@ from zpcid.vfio_user.transport import SocketTransport, close_fds
 
 REFUSE_TIMEOUT = 2.0
 HANDOVER_TIMEOUT = 0.5
+# Connections beyond the attached one that are answered EBUSY at the same time;
+# more are closed at once (a flood must not hold descriptors).
+MAX_PENDING_REFUSALS = 8
+# accept() failing for lack of resources (EMFILE, ENFILE, ...): wait and retry,
+# the listener stays.
+ACCEPT_BACKOFF = (0.01, 1.0)
+_ACCEPT_RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
+async def accept(sock, log) -> trio.socket.SocketType:
+    """``sock.accept()``, backing off (and logging once per streak) while the process
+    or system is out of descriptors or memory."""
+    delay = ACCEPT_BACKOFF[0]
+    while True:
+        try:
+            conn, _ = await sock.accept()
+            return conn
+        except OSError as exc:
+            if exc.errno not in _ACCEPT_RESOURCE_ERRNOS:
+                raise
+            if delay == ACCEPT_BACKOFF[0]:
+                log.warning("accept_failed", error=errno.errorcode.get(exc.errno, str(exc.errno)),
+                            action="retrying")
+            await trio.sleep(delay)
+            delay = min(delay * 2, ACCEPT_BACKOFF[1])
 
 
 class SocketInUse(Exception):
@@ -75,6 +100,7 @@ class FunctionServer:
         self._listener = listener
         self._owns_listener = listener is None
         self._on_attached = on_attached or (lambda attached: None)
+        self._pending_refusals = 0
 
     @property
     def attached(self) -> bool:
@@ -89,11 +115,14 @@ class FunctionServer:
             async with trio.open_nursery() as nursery:
                 task_status.started(self)
                 while True:
-                    conn, _ = await sock.accept()
-                    if self.endpoint is not None:
-                        nursery.start_soon(self._wait_or_refuse, conn, nursery)
-                    else:
+                    conn = await accept(sock, self.log)
+                    if self.endpoint is None:
                         self._start_session(conn, nursery)
+                    elif self._pending_refusals >= MAX_PENDING_REFUSALS:
+                        self.refused += 1
+                        conn.close()  # a flood: no answer, no descriptor held
+                    else:
+                        nursery.start_soon(self._wait_or_refuse, conn, nursery)
         finally:
             if self._owns_listener:
                 sock.close()
@@ -114,13 +143,17 @@ class FunctionServer:
     async def _wait_or_refuse(self, conn, nursery) -> None:
         """A VMM that reconnects right after hanging up may beat the old session's
         teardown: give that a moment before answering EBUSY."""
-        with trio.move_on_after(HANDOVER_TIMEOUT):
-            while self.endpoint is not None:
-                await self._detached.wait()
-        if self.endpoint is None:
-            self._start_session(conn, nursery)
-        else:
-            await self._refuse(conn)
+        self._pending_refusals += 1
+        try:
+            with trio.move_on_after(HANDOVER_TIMEOUT):
+                while self.endpoint is not None:
+                    await self._detached.wait()
+            if self.endpoint is None:
+                self._start_session(conn, nursery)
+            else:
+                await self._refuse(conn)
+        finally:
+            self._pending_refusals -= 1
 
     async def _session(self, endpoint: Endpoint) -> None:
         self.function.attach(endpoint)
