@@ -33,7 +33,7 @@ def test_unit_verifies(tmp_path, unit, name):
                 "ProtectSystem=strict", "ProtectHome=yes", "PrivateTmp=yes", "PrivateDevices=yes",
                 "ProtectKernelTunables=yes", "ProtectKernelModules=yes", "RestrictAddressFamilies=AF_UNIX",
                 "RestrictNamespaces=yes", "LockPersonality=yes", "CapabilityBoundingSet=\n",
-                "LimitNOFILE=65536"):
+                "LimitNOFILE=65536", "KillMode=mixed"):
         assert key in text, key
 
 

@@ -184,6 +184,15 @@ def error(rid: Any, code: str, message: str) -> dict[str, Any]:
     return {"id": rid, "ok": False, "error": {"code": code, "message": message}}
 
 
+def set_process_name(name: str) -> None:
+    """The name ps/top show (the kernel keeps 15 bytes); cosmetic, so failures are ignored."""
+    try:
+        with open("/proc/self/comm", "w") as f:
+            f.write(name[:15])
+    except OSError:
+        pass
+
+
 def socketpair() -> tuple[socket.socket, socket.socket]:
     """A close-on-exec stream pair (only fork passes it on, never exec)."""
     return socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -21,7 +21,7 @@ import trio
 from zpcid import log
 from zpcid.service import config as cfg
 from zpcid.service import metrics
-from zpcid.service.channel import Channel, ChannelError, Closed, error
+from zpcid.service.channel import Channel, ChannelError, Closed, error, set_process_name
 from zpcid.vfio_user.server import FunctionServer
 from zpcid.vfio_user.transport import close_fds
 
@@ -80,6 +80,7 @@ class Worker:
             args = msg.get("args") or {}
             self.fc = fc = function_config(args["function"])
             structlog.contextvars.bind_contextvars(fid=fc.fid, uid=fc.uid)
+            set_process_name(f"zpcid-fn{fc.fid:x}")
             try:
                 self.function = fc.create()
             except cfg.ConfigError as exc:

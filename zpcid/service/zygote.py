@@ -19,7 +19,7 @@ import socket
 import sys
 
 from zpcid import log
-from zpcid.service.channel import ChannelError, Closed, SyncChannel, error
+from zpcid.service.channel import ChannelError, Closed, SyncChannel, error, set_process_name
 from zpcid.vfio_user.transport import close_fds
 
 # Threads a numeric library would start at import time must not exist when we fork.
@@ -120,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     log.configure(args.log_format, args.log_level)
+    set_process_name("zpcid-zygote")
     sock = socket.socket(fileno=args.fd)
     preload()
     return Zygote(sock).serve()
