@@ -450,6 +450,9 @@ def run(quick: bool = False, as_json: bool = False, quiet: bool = False) -> int:
         finally:
             proc.terminate()
             proc.wait(10)
+    from zpcid.tools import bench_isolation  # the whole daemon: supervisor, zygote, workers
+
+    bench_isolation.run(rep, quick)
     rep.progress("")
     if not quiet and rep.tty:
         sys.stderr.write("\r\033[K")
