@@ -51,6 +51,19 @@ def sample(function, attached: bool) -> dict:
             "dma_limit_remaining": zpci.get("dma_limit_remaining")}
 
 
+def valid_sample(s) -> bool:
+    """A worker's sample has the shape :func:`sample` gives (workers are not trusted blindly)."""
+    def count(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+    try:
+        return (isinstance(s["attached"], bool) and count(s["shadow_mappings"])
+                and (s["dma_limit_remaining"] is None or count(s["dma_limit_remaining"]))
+                and all(k in COUNTERS and count(v) for k, v in s["counters"].items())
+                and all(isinstance(k, str) and count(v) for k, v in s["errors"].items()))
+    except (KeyError, TypeError, AttributeError):
+        return False
+
+
 class FunctionCollector:
     """Custom collector: ``entries()`` yields (fid, sample, restarts) at scrape time,
     ``sample`` as made by :func:`sample` in the function's worker (None: not known yet)."""

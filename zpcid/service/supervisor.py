@@ -12,6 +12,7 @@ import attrs
 import trio
 
 from zpcid import log
+from zpcid.service import metrics
 from zpcid.service.channel import Channel, ChannelError, Closed, socketpair
 from zpcid.service.control import CommandError
 from zpcid.service.zygote import SINGLE_THREADED_ENV
@@ -20,7 +21,8 @@ from zpcid.vfio_user.transport import close_fds
 RPC_TIMEOUT = 30.0  # a worker that does not answer a control request in this long is reported busy
 INIT_TIMEOUT = 60.0  # building a function (e.g. a large RAM BAR) on a loaded machine
 EXIT_REPORT_TIMEOUT = 5.0  # how long a dead worker's exit status may take to arrive from the zygote
-STOP_TIMEOUT = 10.0  # a worker asked to stop is killed after this long
+STOP_TIMEOUT = 10.0
+SAMPLE_TIMEOUT = 2.0  # per scrape; a worker slower than this contributes its last sample  # a worker asked to stop is killed after this long
 BACKOFF_FIRST, BACKOFF_MAX, HEALTHY_AFTER = 0.05, 5.0, 10.0
 
 
@@ -76,7 +78,8 @@ class _Rpc:
         try:
             while True:
                 msg, fds = await self.channel.recv()
-                slot = self._pending.get(msg.get("id")) if "id" in msg else None
+                rid = msg.get("id")
+                slot = self._pending.get(rid) if isinstance(rid, int) else None
                 if slot is not None:
                     slot[1], slot[2] = msg, fds
                     slot[0].set()
@@ -305,9 +308,13 @@ class WorkerHandle:
 
     async def refresh_sample(self) -> None:
         try:
-            self.sample = await self.call("sample", timeout=2.0)
+            sample = await self.call("sample", timeout=SAMPLE_TIMEOUT)
         except CommandError:
-            pass  # keep the last sample
+            return  # keep the last sample
+        if metrics.valid_sample(sample):
+            self.sample = sample
+        else:
+            self.log.warning("worker_sample_malformed", fid=self.fid, uid=self.uid)
 
     async def stop(self) -> None:
         """Ask the worker to exit (its VMM, if any, is detached); kill it if it does not."""

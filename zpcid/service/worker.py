@@ -64,7 +64,7 @@ class Worker:
                 nursery.start_soon(self._requests, nursery)
                 await self._stop.wait()
                 nursery.cancel_scope.cancel()
-        except Closed:
+        except* Closed:
             pass  # the supervisor is gone: nothing is left to serve for
         finally:
             with trio.CancelScope(shield=True):

@@ -116,7 +116,7 @@ def _drive(paths: list[str], seconds: float) -> float:
 
 
 def bench_scaling(rep, quick: bool, n_functions: int = 2) -> None:
-    rounds, seconds = (2, 1.0) if quick else (4, 3.0)
+    rounds, seconds = (2, 1.0) if quick else (6, 3.0)
     with tempfile.TemporaryDirectory(prefix="zpcid-iso-") as base:
         d = Daemon(base, [memfn(i + 1) for i in range(n_functions)])
         try:
@@ -128,6 +128,8 @@ def bench_scaling(rep, quick: bool, n_functions: int = 2) -> None:
                 many.append(_drive(paths, seconds))
         finally:
             d.close()
+    rep.add("isolation", "REGION_READ, 1 function (one client)", statistics.median(one), "msg/s",
+            samples=one)
     rep.add("isolation", f"REGION_READ, {n_functions} functions in parallel (aggregate)",
             statistics.median(many), "msg/s", baseline=statistics.median(one),
             baseline_name="1 function", samples=many,
