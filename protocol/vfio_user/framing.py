@@ -38,6 +38,19 @@ class Framer:
     def buffered(self) -> int:
         return len(self._buf)
 
+    def export_buffer(self) -> tuple[bytes, dict[int, tuple[int, ...]]]:
+        """Bytes not yet returned as messages, and their fds by message start offset
+        (to carry an unfinished stream over to another process)."""
+        return bytes(self._buf), dict(self._fds)
+
+    def import_buffer(self, data: bytes, fds: dict[int, tuple[int, ...]]) -> list[Message]:
+        """Continue from an ``export_buffer`` of another framer; returns the complete messages."""
+        if self._buf or self._fds:
+            raise ValueError("framer already holds data")
+        self._buf = bytearray(data)
+        self._fds = {int(k): tuple(v) for k, v in fds.items()}
+        return self._drain()
+
     def pending_fds(self) -> list[int]:
         """Descriptors attached to messages not yet complete (to close on teardown)."""
         return [fd for fds in self._fds.values() for fd in fds]
