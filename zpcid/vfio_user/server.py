@@ -115,6 +115,11 @@ class FunctionServer:
     def attached(self) -> bool:
         return self.endpoint is not None
 
+    async def wait_detached(self) -> None:
+        """Return once no client is attached (the last one's teardown finished)."""
+        while self.endpoint is not None:
+            await self._detached.wait()
+
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         if self._owns_listener:
             self._listener = bind_unix(self.path, self.mode)
@@ -166,8 +171,7 @@ class FunctionServer:
         self._pending_refusals += 1
         try:
             with trio.move_on_after(HANDOVER_TIMEOUT):
-                while self.endpoint is not None:
-                    await self._detached.wait()
+                await self.wait_detached()
             if self.endpoint is None:
                 self._start_session(conn, nursery)
             else:
