@@ -27,7 +27,7 @@ from protocol.vfio_user import consts as C
 from protocol.vfio_user import messages as M
 from protocol.vfio_user.connection import Connection, Reply, Request, Role, State
 from protocol.vfio_user.framing import Message
-from protocol.vfio_user.header import HEADER, HEADER_SIZE, Command, Flags
+from protocol.vfio_user.header import Command, Flags
 from zpcid import log
 from zpcid.snapshot import Fd, Snapshot, SnapshotError, expect
 from zpcid.vfio_user.device import VfioDevice
@@ -54,7 +54,6 @@ NEGOTIATE_TIMEOUT = 5.0
 SEND_TIMEOUT = 10.0
 
 _REGION_HEAD = struct.Struct("<QII")  # REGION_READ/WRITE: offset, region, count
-_REPLY = Flags.REPLY
 _NO_REPLY = Flags.NO_REPLY
 
 
@@ -270,9 +269,9 @@ class Endpoint:
             self._drop(f"no VERSION within {NEGOTIATE_TIMEOUT:g} s")
 
     def _reply(self, msg: Message, payload: bytes = b"", fds=()) -> None:
-        h = msg.header
-        if not h.flags & _NO_REPLY:
-            self._send(HEADER.pack(h.msg_id, h.cmd, HEADER_SIZE + len(payload), _REPLY, 0) + payload, fds)
+        data = self.conn.reply(msg, payload)
+        if data is not None:
+            self._send(data, fds)
 
     def _error(self, msg: Message, err: int, reason: str) -> None:
         self.stats.errors += 1
@@ -340,7 +339,7 @@ class Endpoint:
         return fds
 
     async def _h_get_info(self, msg, fds):
-        req = M.DeviceInfo.unpack(msg.payload)
+        M.DeviceInfo.unpack(msg.payload)  # validates the request
         flags, nregions, nirqs = self.device.device_info()
         self._reply(msg, M.DeviceInfo(M.DeviceInfo.SIZE, flags, nregions, nirqs).pack())
         return fds
