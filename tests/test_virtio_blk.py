@@ -784,3 +784,23 @@ async def test_client_leaving_during_a_dma_read_is_reported_as_gone(disk, sock_d
     assert "0x0+0x0" not in gone[0]["error"]
     assert not [e for e in events if e["event"] == "virtio_needs_reset"]
     fn.close()
+
+
+async def test_rings_unmapped_under_a_live_queue_are_a_device_error_not_stale_memory(disk, sock_dir):
+    fn = VirtioBlkFunction("vb0", path=disk, size="1M")
+    async with blk_guest(fn, sock_dir) as drv:
+        mem, q = drv.mem, drv.queues[0]
+        await drv.write(0, 0, pattern(30, 4096))  # the device now holds views of the rings
+        await drv.client.dma_unmap(mem.base, mem.size)
+        h = mem.alloc(32)
+        mem.write(h, hdr(T_IN, 0) + b"\xff")
+        d = mem.alloc(4096)
+        await raw_chain(q, [(h, 16, VRING_DESC_F_NEXT, 1), (d, 4096, VRING_DESC_F_WRITE | VRING_DESC_F_NEXT, 2),
+                            (h + 16, 1, VRING_DESC_F_WRITE, 0)])
+        await wait_status(drv, NEEDS_RESET)
+        assert mem.read(h + 16, 1) == b"\xff" and mem.u16(q.used + 2) == q.last_used  # nothing written
+        await mem.map(drv.client)
+        await drv.reinit()
+        assert await drv.read(0, 0, 4096) == pattern(30, 4096)
+    assert fn.counters.errors["virtio_ring"] == 1
+    fn.close()

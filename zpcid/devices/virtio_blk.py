@@ -521,6 +521,8 @@ class VirtioBlkFunction(PciFunction):
         if service is not None:
             service.stop()
             await service.done.wait()
+        for q in self.queues.values():
+            q.release()
         self.queues = {}
 
     async def _quiesce(self) -> None:
@@ -546,7 +548,10 @@ class VirtioBlkFunction(PciFunction):
                 empty = False
                 try:
                     for _ in range(SLICE):  # bounded work before others get the loop
-                        await slots.acquire()
+                        try:
+                            slots.acquire_nowait()  # (no scheduler pass while slots are free)
+                        except trio.WouldBlock:
+                            await slots.acquire()
                         chain = await q.pop()
                         if chain is None:
                             slots.release()
@@ -874,6 +879,8 @@ class VirtioBlkFunction(PciFunction):
         if hasattr(self, "transport"):
             if self.service is not None:
                 self.service.stop()  # synchronous callers (detach) cannot wait; the next start does
+            for q in self.queues.values():
+                q.release()
             self.queues = {}
             self.transport.reset()
         super().reset_state()
@@ -885,6 +892,8 @@ class VirtioBlkFunction(PciFunction):
     def detach(self) -> None:
         if self.service is not None:
             self.service.stop()  # before the DMA maps go away
+        for q in self.queues.values():
+            q.release()
         super().detach()
 
     def close(self) -> None:
