@@ -806,3 +806,32 @@ async def test_rings_unmapped_under_a_live_queue_are_a_device_error_not_stale_me
         assert await drv.read(0, 0, 4096) == pattern(30, 4096)
     assert fn.counters.errors["virtio_ring"] == 1
     fn.close()
+
+
+async def test_quiesce_finishes_requests_in_flight_then_snapshot_and_resume(disk, sock_dir):
+    fn = VirtioBlkFunction("vb0", path=disk, size="8M", io_threads=1, max_inflight=2)
+    nreq, size = 8, 256 * 1024
+    async with blk_guest(fn, sock_dir) as drv:
+        q = drv.queues[0]
+        await start_writes(fn, drv, drv.mem, nreq, size)
+        with trio.fail_after(WAIT):
+            await fn.quiesce()
+        used = drv.mem.u16(q.used + 2)
+        assert 1 <= used < nreq  # those started finished and were returned; no new ones
+        snap = fn.device_snapshot()
+        assert snap.queues[0].used_idx == used
+        # Heads taken from the ring but not started are kept for whoever resumes.
+        assert (snap.queues[0].last_avail - len(snap.queues[0].heads)) % 65536 == used
+        assert not snap.dirty  # the stopped service synced the file
+        await trio.sleep(0.05)
+        assert drv.mem.u16(q.used + 2) == used  # quiesced: nothing moves by itself
+        fn.resume()
+        with trio.fail_after(WAIT):
+            while drv.mem.u16(q.used + 2) != nreq:
+                await trio.sleep(0.005)
+        await drv.write(0, 0, pattern(31, 4096))  # and the queue takes new requests
+    image = host_read(disk, 0, nreq * size)
+    assert image[:4096] == pattern(31, 4096)
+    for i in range(1, nreq):
+        assert image[i * size : (i + 1) * size] == bytes([i + 1]) * size
+    fn.close()
