@@ -21,7 +21,7 @@ from protocol.errors import ProtocolError
 from protocol.vfio_user.messages import TypeCap
 from zpcid.vfio_user.dma import DmaFault
 from zpcid.zpci.atomic import set_indicator_bit
-from zpcid.zpci.iommu import ShadowIotlb, TranslationError, rpcit as walk_rpcit
+from zpcid.zpci.iommu import ShadowIotlb, TranslationError, rpcit_sliced as walk_rpcit
 from zpcid.vfio_user.regions import MemfdRegion
 
 if TYPE_CHECKING:
@@ -376,7 +376,7 @@ class ZpciCore:
         if cmd == CMD_STPCIFC:
             return self.stpcifc(r1)
         if cmd == CMD_RPCIT:
-            return self.rpcit(r1, r2, r3)
+            return await self.rpcit(r1, r2, r3)
         if cmd == CMD_PCISTB:
             length = r1 & 0x1FFF
             data = bytes(self.mm[MB_DATA : MB_DATA + min(length, MB_DATA_SIZE)])
@@ -622,7 +622,7 @@ class ZpciCore:
         return Outcome(fib=fib.pack(), r1=r1_out)
 
     # ------------------------------------------------------------------ RPCIT
-    def rpcit(self, r1: int, start: int, length: int) -> Outcome:
+    async def rpcit(self, r1: int, start: int, length: int) -> Outcome:
         if not self.translating:
             return Outcome(result=RES_WRONG_MODE)
         fh = r1 >> 32
@@ -644,7 +644,7 @@ class ZpciCore:
         if length == 0 or start + length - 1 < self.pba or start > self.pal:
             return self._rpcit_error(r1, Z.ZPCI_PEC_OUT_OF_RANGE, start, "range outside PBA-PAL")
         # The walker clips to [PBA, PAL] itself and reports failures from ``start`` on.
-        result = walk_rpcit(self.shadow, self.function.dma, self.iota, self.pba, self.pal, start, length)
+        result = await walk_rpcit(self.shadow, self.function.dma, self.iota, self.pba, self.pal, start, length)
         c = self.function.counters
         c.pages_mapped += result.mapped + result.changed
         c.pages_unmapped += result.unmapped
