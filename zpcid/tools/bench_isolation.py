@@ -261,17 +261,22 @@ def main(argv: list[str]) -> int:
     if len(argv) == 3 and argv[0] == "--single-process":
         single_process_main(argv[1], int(argv[2]))
         return 0
-    if argv not in ([], ["--quick"]):
-        print("usage: python -m zpcid.tools.bench_isolation [--quick]", file=sys.stderr)
+    if not set(argv) <= {"--quick", "--json"}:
+        print("usage: python -m zpcid.tools.bench_isolation [--quick] [--json]", file=sys.stderr)
         return 2
+    import json
+
     from zpcid import log
     from zpcid.tools.bench import Report
 
     log.configure("json", "error")
-    rep = Report(quiet=False)
-    run(rep, quick=bool(argv))
+    rep = Report(quiet="--json" in argv)
+    run(rep, quick="--quick" in argv)
     rep.progress("")
-    print(rep.table())
+    if "--json" in argv:
+        print(json.dumps({"rows": rep.rows}, indent=2))
+    else:
+        print(rep.table())
     return 0
 
 
