@@ -169,6 +169,10 @@ def bench_scaling(rep, quick: bool, n_functions: int = 2) -> None:
     # Other processes competing for the cores distort this figure more than any other.
     rep.add("isolation", "machine load average (1 min) during the runs", statistics.median(load), "",
             higher_is_better=False, samples=load)
+    rep.add("isolation", "REGION_READ, 1 function (baseline samples)", statistics.median(one), "msg/s",
+            samples=one)
+    rep.add("isolation", f"REGION_READ, {n_functions} functions in 1 process (baseline samples)",
+            statistics.median(shared), "msg/s", samples=shared)
     rep.add("isolation", f"REGION_READ, {n_functions} functions, one process each (aggregate)",
             statistics.median(many), "msg/s", baseline=statistics.median(one),
             baseline_name="1 function", samples=many,
