@@ -258,30 +258,16 @@ def run(rep, quick: bool) -> None:
 
 
 def main(argv: list[str]) -> int:
-    """This section alone (``zpcid bench`` runs it after the others)."""
+    """The helper processes of this section (``zpcid bench`` runs the section itself)."""
     if len(argv) == 3 and argv[0] == "--client":
         client_main(argv[1], float(argv[2]))
         return 0
     if len(argv) == 3 and argv[0] == "--single-process":
         single_process_main(argv[1], int(argv[2]))
         return 0
-    if not set(argv) <= {"--quick", "--json"}:
-        print("usage: python -m zpcid.tools.bench_isolation [--quick] [--json]", file=sys.stderr)
-        return 2
-    import json
-
-    from zpcid import log
-    from zpcid.tools.bench import Report
-
-    log.configure("json", "error")
-    rep = Report(quiet="--json" in argv)
-    run(rep, quick="--quick" in argv)
-    rep.progress("")
-    if "--json" in argv:
-        print(json.dumps({"rows": rep.rows}, indent=2))
-    else:
-        print(rep.table())
-    return 0
+    print("usage: python -m zpcid.tools.bench_isolation --client SOCKET SECONDS | "
+          "--single-process DIR N", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":
