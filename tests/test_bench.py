@@ -23,7 +23,9 @@ def test_bench_quick_json(tmp_path):
                  "direct map: enable for a 64 GiB guest",
                  "DMA copy: 16 MiB via direct",
                  "DMA copy: 16 MiB via shadow",
-                 "pipelined: DMA_MAP burst with fd (boot)"):
+                 "pipelined: DMA_MAP burst with fd (boot)",
+                 "isolation: REGION_READ, 2 functions, one process each (aggregate)",
+                 "memory: PSS per additional idle function"):
         assert name in rows, sorted(rows)
     for r in doc["rows"]:
         assert r["value"] > 0 and all(s > 0 for s in r["samples"])

@@ -167,8 +167,7 @@ def bench_scaling(rep, quick: bool, n_functions: int = 2) -> None:
             single.terminate()
             single.wait(30)
     # Other processes competing for the cores distort this figure more than any other.
-    rep.add("isolation", "machine load average (1 min) during the runs", statistics.median(load), "",
-            higher_is_better=False, samples=load)
+    rep.progress(f"scaling: load average during the runs {min(load):.1f}..{max(load):.1f}")
     rep.add("isolation", "REGION_READ, 1 function (baseline samples)", statistics.median(one), "msg/s",
             samples=one)
     rep.add("isolation", f"REGION_READ, {n_functions} functions in 1 process (baseline samples)",
