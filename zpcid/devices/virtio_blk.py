@@ -605,12 +605,14 @@ class VirtioBlkFunction(PciFunction):
         try:
             try:
                 written = await self._execute(chain, dma)
+                if q.inflight > 1 and not q.publishing:
+                    # Others are in flight: let those finishing in this same scheduler
+                    # pass join the batch, so one interrupt covers them all.
+                    await trio.lowlevel.checkpoint()
             finally:
+                # Counted until it is among the completed ones (no await between):
+                # a quiesce must not see "nothing in flight" while it waits here.
                 q.inflight -= 1
-            if q.inflight and not q.publishing:
-                # Others are in flight: let those finishing in this same scheduler
-                # pass join the batch, so one interrupt covers them all.
-                await trio.lowlevel.checkpoint()
             await self._complete(q, [(chain.head, written)])
         except Stopped:
             pass  # reset or detach: the driver no longer owns this ring

@@ -27,7 +27,7 @@ from protocol.vfio_user import consts as C
 from protocol.vfio_user import messages as M
 from protocol.vfio_user.connection import Connection, Reply, Request, Role, State
 from protocol.vfio_user.framing import Message
-from protocol.vfio_user.header import Command, Flags
+from protocol.vfio_user.header import HEADER, Command, Flags
 from zpcid import log
 from zpcid.snapshot import Fd, Snapshot, SnapshotError, expect
 from zpcid.vfio_user.device import VfioDevice
