@@ -62,12 +62,13 @@ OUTHDR = struct.Struct("<IIQ")  # struct virtio_blk_outhdr: type, ioprio, sector
 DWZ_SEG = struct.Struct("<QII")  # struct virtio_blk_discard_write_zeroes
 CONFIG_SIZE = 0x3C  # struct virtio_blk_config up to write_zeroes_may_unmap
 IO_CHUNK = 1 << 20  # bytes staged per step where guest memory has no views (DMA messages)
-NOWAIT_MAX = 256 << 10  # largest request tried inline against the page cache (bounds loop latency)
+NOWAIT_MAX = 1 << 20  # largest request tried inline against the page cache (bounds loop latency)
 IOV_MAX = 1024  # iovecs per preadv/pwritev (Linux UIO_MAXIOV)
 PAGE = 4096
 MAX_DISCARD_SECTORS = 1 << 22
 MAX_DISCARD_SEG = 32
 SLICE = 64  # requests a queue takes from its ring before letting other tasks run
+SLICE_BYTES = 4 << 20  # ... or bytes it copies inline, whichever comes first
 _TYPES = frozenset((VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID,
                     VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES))
 
@@ -549,8 +550,11 @@ class VirtioBlkFunction(PciFunction):
             while not self.transport.needs_reset and not self._paused:
                 done: list[tuple[int, int]] = []
                 empty = False
+                moved = 0
                 try:
                     for _ in range(SLICE):  # bounded work before others get the loop
+                        if moved >= SLICE_BYTES:
+                            break
                         try:
                             slots.acquire_nowait()  # (no scheduler pass while slots are free)
                         except trio.WouldBlock:
@@ -574,6 +578,7 @@ class VirtioBlkFunction(PciFunction):
                         else:
                             slots.release()
                             done.append((chain.head, written))
+                            moved += chain.readable_len + written
                     if done:
                         await self._complete(q, done)
                     if empty and not await q.arm():
