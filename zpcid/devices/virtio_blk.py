@@ -435,6 +435,8 @@ class VirtioBlkFunction(PciFunction):
         except BaseException:
             self.backing.close()
             raise
+        # Let go of cached ring views before an unmap closes the memory behind them.
+        self.dma.listeners.append(self._dma_changed)
         self.limiter = trio.CapacityLimiter(io_threads)
         self.max_inflight = max_inflight
         self.service: Service | None = None
@@ -857,6 +859,11 @@ class VirtioBlkFunction(PciFunction):
     def _unsupp(self, rtype: int) -> int:
         self.log.info("virtio_blk_unsupported", type=rtype)
         return VIRTIO_BLK_S_UNSUPP
+
+    def _dma_changed(self, kind: str, region) -> None:
+        if kind == "unmap":
+            for q in self.queues.values():
+                q.release()  # (the next ring access resolves the views again)
 
     # ------------------------------------------------------------------ quiesce
     async def device_quiesce(self) -> None:
