@@ -19,6 +19,7 @@ from protocol.zpci import formats as Z
 from protocol.zpci import tables as T
 from protocol.errors import ProtocolError
 from protocol.vfio_user.messages import TypeCap
+from zpcid import log
 from zpcid.vfio_user.dma import DmaFault
 from zpcid.zpci.atomic import set_indicator_bit
 from zpcid.zpci.iommu import ShadowIotlb, TranslationError, rpcit_sliced as walk_rpcit
@@ -649,8 +650,9 @@ class ZpciCore:
         c.pages_mapped += result.mapped + result.changed
         c.pages_unmapped += result.unmapped
         self._count("rpcit")
-        self.log.debug("rpcit", start=hex(start), length=hex(length), mapped=result.mapped,
-                       unmapped=result.unmapped, changed=result.changed, skipped=result.skipped)
+        if log.debug_enabled():  # per intercept: not even a filtered call
+            self.log.debug("rpcit", start=hex(start), length=hex(length), mapped=result.mapped,
+                           unmapped=result.unmapped, changed=result.changed, skipped=result.skipped)
         if result.error is not None:
             e = result.error
             return self._rpcit_error(r1, e.pec, e.iova, str(e))
