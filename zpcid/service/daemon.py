@@ -300,7 +300,9 @@ class Daemon:
         try:
             result = await m.worker.call("release", {"timeout": timeout, "force": force},
                                          timeout=timeout + STOP_GRACE)
-            was_attached, released = result["was_attached"], result["released"]
+            if isinstance(result, dict):  # whatever a broken worker answers, it is stopped below
+                was_attached = bool(result.get("was_attached", was_attached))
+                released = bool(result.get("released", released))
         except CommandError as exc:
             self.log.warning("release_failed", fid=m.fid, uid=m.config.uid, error=exc.message)
         await m.worker.stop()
