@@ -4,6 +4,7 @@ import inspect
 
 import pytest
 import trio
+import trio.testing
 
 from hypothesis import settings
 
@@ -23,9 +24,16 @@ def pytest_pyfunc_call(pyfuncitem):
     """Run ``async def`` tests under trio (no plugin needed)."""
     if inspect.iscoroutinefunction(pyfuncitem.obj):
         args = {a: pyfuncitem.funcargs[a] for a in pyfuncitem._fixtureinfo.argnames}
-        trio.run(functools.partial(pyfuncitem.obj, **args))
+        trio.run(functools.partial(pyfuncitem.obj, **args), clock=args.get("autojump_clock"))
         return True
     return None
+
+
+@pytest.fixture
+def autojump_clock():
+    """A MockClock that jumps to the next deadline whenever every task waits
+    (same name and meaning as pytest-trio's fixture)."""
+    return trio.testing.MockClock(autojump_threshold=0)
 
 
 @pytest.fixture

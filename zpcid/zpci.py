@@ -11,9 +11,10 @@ import ctypes
 import enum
 import struct
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import attrs
+import trio
 
 from protocol import consts as C
 from protocol import zpci as Z
@@ -22,7 +23,7 @@ from protocol.errors import ProtocolError
 from protocol.messages import TypeCap
 from zpcid.dma import DmaFault
 from zpcid.iommu import ShadowIotlb, TranslationError, rpcit as walk_rpcit
-from zpcid.regions import MemfdRegion
+from zpcid.regions import MemfdRegion, RegionError
 
 if TYPE_CHECKING:
     from zpcid.function import PciFunction
@@ -38,8 +39,8 @@ DEFAULT_MUI = 4000
 DEFAULT_EDMA = 0x01FF_FFFF_FFFF_FFFF
 FMB_LENGTH = 64
 
-# ---------------------------------------------------------------- control region ABI (v1)
-ABI_MAJOR, ABI_MINOR = 1, 0
+# ---------------------------------------------------------------- control region ABI (v1.1)
+ABI_MAJOR, ABI_MINOR = 1, 1
 REGION_SIZE = 0x4000
 MAGIC = 0x5A504349  # "ZPCI"
 # header (host byte order: little-endian)
@@ -48,18 +49,28 @@ HDR_REGION_SIZE, HDR_MEM_LIMIT, HDR_STATE, HDR_FH = 0x014, 0x018, 0x020, 0x024
 HDR_FID, HDR_UID, HDR_IOAT, HDR_SHADOW = 0x028, 0x02C, 0x030, 0x034
 HDR_DMA_AVAIL, HDR_EVENTS_LOST = 0x038, 0x03C
 HDR_OFFSETS = 0x040  # u32 offsets: list entry, query fn, query group, mailbox, mb data, events
+HDR_VMM_FLAGS, HDR_VMM_FID, HDR_VMM_UID = 0x058, 0x05C, 0x060  # 1.1, written by the VMM
 CLP_LIST_ENTRY, CLP_QUERY_FN, CLP_QUERY_GRP = 0x100, 0x200, 0x400
 MAILBOX, MB_DATA, EVENTS = 0x1000, 0x2000, 0x3000
 # features
 FEAT_MAILBOX, FEAT_EVENTS, FEAT_ADAPTER_INT = 1 << 0, 1 << 1, 1 << 2
 FEAT_RELAXED_TRANSLATION, FEAT_RELAXED_ALIGNMENT, FEAT_FMB = 1 << 3, 1 << 4, 1 << 5
 FEAT_PCILG_PCISTG = 1 << 6
+FEAT_WRITEBACK, FEAT_VMM_FLAGS, FEAT_VMM_IDS, FEAT_DMA_FAULT_EVENTS = 1 << 7, 1 << 8, 1 << 9, 1 << 10
+# vmm_flags (header 0x58)
+VMM_EVENTS = 1 << 0  # the VMM consumes the event ring: signal the ERR IRQ for new events
+VMM_ADAPTER = 1 << 1  # the VMM's MSI-X eventfds inject adapter interrupts (informational)
+VMM_FLAGS_KNOWN = VMM_EVENTS | VMM_ADAPTER
 # modes
 MODE_VMM, MODE_ZPCID = 0, 1
 MODE_NAMES = {MODE_VMM: "vmm-translates", MODE_ZPCID: "zpcid-translates"}
 # mailbox layout
 MB_DOORBELL, MB_R1, MB_R2, MB_R3, MB_FIB = 0x00, 0x08, 0x10, 0x18, 0x20
 MB_RESULT, MB_CC, MB_STATUS, MB_EXCEPTION, MB_R1_OUT, MB_FIB_OUT = 0x80, 0x84, 0x85, 0x86, 0x88, 0x90
+MB_WRITEBACK, MB_R2_OUT = 0x87, 0xE0  # 1.1
+MB_RESULTS_END = 0xE8  # without mmap the results are REGION_READ MAILBOX+MB_RESULT .. MAILBOX+0xE8
+# writeback mask: which registers the VMM stores into the guest (valid when exception == 0)
+WB_R1, WB_R2 = 1 << 0, 1 << 1
 MB_CLP_REQ, MB_CLP_RESP = 0x100, 0x200
 MB_DATA_SIZE = 0x1000
 # commands
@@ -72,6 +83,11 @@ EXC_NONE, EXC_OPERAND, EXC_SPECIFICATION = 0, 1, 2
 EV_PRODUCER, EV_CONSUMER, EV_ENTRIES, EV_ENTRY_SIZE, EV_RING = 0x00, 0x04, 0x08, 0x0C, 0x40
 EV_SLOT_SIZE = 64
 EV_SLOTS = (REGION_SIZE - EVENTS - EV_RING) // EV_SLOT_SIZE  # 63
+
+
+# MPCIFC operation controls that need guest absolute addresses: in vmm-translates
+# mode they answer RES_WRONG_MODE and the VMM must emulate them.
+VMM_EMULATED_OCS = frozenset({Z.ZPCI_MOD_FC_REG_INT, Z.ZPCI_MOD_FC_DEREG_INT, Z.ZPCI_MOD_FC_SET_MEASURE})
 
 
 class State(enum.IntEnum):
@@ -92,7 +108,7 @@ class Outcome:
     cc: int = 0
     status: int = 0
     exception: int = EXC_NONE
-    r1: int | None = None  # register value to store back, when the instruction does
+    r1: int | None = None  # value for r1 on cc 0 (PCILG data, STPCIFC handle bit 63)
     fib: bytes | None = None
     result: int = RES_OK
 
@@ -168,6 +184,7 @@ class ZpciCore:
     writable_ranges = (
         (HDR_MODE, HDR_MODE + 4),
         (HDR_MEM_LIMIT, HDR_MEM_LIMIT + 8),
+        (HDR_VMM_FLAGS, HDR_VMM_UID + 4),
         (MAILBOX, MAILBOX + MB_RESULT),
         (MAILBOX + MB_CLP_REQ, MAILBOX + MB_CLP_RESP),
         (MB_DATA, MB_DATA + MB_DATA_SIZE),
@@ -195,6 +212,7 @@ class ZpciCore:
         self.fh = self.index | FH_SHM_ZPCID
         self.mode = MODE_VMM
         self.mem_limit = 0
+        self.vmm_flags = self.vmm_fid = self.vmm_uid = 0
         self._clear_registrations()
         self.mm[:] = bytes(REGION_SIZE)
         self._clp_key = None
@@ -215,8 +233,11 @@ class ZpciCore:
             n = self.shadow.clear()
             self.function.counters.pages_unmapped += n
         self.aif: AdapterInterrupts | None = None
+        if hasattr(self, "_fmb_scope"):
+            self._fmb_stop()
         self.fmb_addr = 0
-        self.fmb = dict(samples=0, ld=0, st=0, stb=0, rpcit=0, dma_r=0, dma_w=0)
+        self._fmb_scope: trio.CancelScope | None = None
+        self.fmb = _fresh_fmb()
         if getattr(self.function, "msix", None) is not None:
             self.function.msix.deliver_hook = None
 
@@ -230,7 +251,8 @@ class ZpciCore:
 
     @property
     def features(self) -> int:
-        f = FEAT_MAILBOX | FEAT_EVENTS | FEAT_ADAPTER_INT | FEAT_FMB | FEAT_PCILG_PCISTG
+        f = (FEAT_MAILBOX | FEAT_EVENTS | FEAT_ADAPTER_INT | FEAT_FMB | FEAT_PCILG_PCISTG
+             | FEAT_WRITEBACK | FEAT_VMM_FLAGS | FEAT_VMM_IDS | FEAT_DMA_FAULT_EVENTS)
         if self.props.rtr:
             f |= FEAT_RELAXED_TRANSLATION
         if self.props.relaxed_alignment:
@@ -299,6 +321,7 @@ class ZpciCore:
             return
         struct.pack_into("<I", mm, HDR_MODE, self.mode)
         struct.pack_into("<Q", mm, HDR_MEM_LIMIT, self.mem_limit)
+        struct.pack_into("<III", mm, HDR_VMM_FLAGS, self.vmm_flags, self.vmm_fid, self.vmm_uid)
         struct.pack_into("<IIIIIIII", mm, HDR_STATE, self.state, self.fh, self.props.fid,
                          self.props.uid, (1 if self.ioat else 0) | (2 if self.direct else 0),
                          self.shadow.mapped, self.shadow.available, self.events_lost)
@@ -317,17 +340,33 @@ class ZpciCore:
         mm[CLP_QUERY_GRP : CLP_QUERY_GRP + len(g)] = g
 
     def header_written(self, start: int, end: int) -> None:
-        """Apply writable header fields (mode, guest memory limit)."""
+        """Apply writable header fields (mode, guest memory limit, VMM flags and IDs).
+
+        Raises RegionError (EINVAL to the REGION_WRITE) for a guest memory limit
+        whose aperture would not fit in 64 bits; the old value stays published.
+        """
+        if start < HDR_VMM_UID + 4 and end > HDR_VMM_FLAGS:
+            flags, fid, uid = struct.unpack_from("<III", self.mm, HDR_VMM_FLAGS)
+            if (flags, fid, uid) != (self.vmm_flags, self.vmm_fid, self.vmm_uid):
+                self.vmm_flags, self.vmm_fid, self.vmm_uid = flags & VMM_FLAGS_KNOWN, fid, uid
+                self.log.info("zpci_vmm", flags=self.vmm_flags, vmm_fid=hex(fid), vmm_uid=hex(uid))
+            self.publish()
         if start < HDR_MEM_LIMIT + 8 and end > HDR_MODE:
             mode = struct.unpack_from("<I", self.mm, HDR_MODE)[0]
             limit = struct.unpack_from("<Q", self.mm, HDR_MEM_LIMIT)[0]
             self.set_mode(mode)
+            refused = None
             if limit != self.mem_limit:
-                if self.state in (State.ENABLED, State.BLOCKED, State.ERROR):
+                if self.sdma + limit - 1 >= 1 << 64:
+                    refused = f"guest memory limit {limit:#x}: aperture beyond 2^64"
+                elif self.state in (State.ENABLED, State.BLOCKED, State.ERROR):
                     self.log.warning("zpci_refused", what="memory limit change while enabled")
                 else:
                     self.mem_limit = limit
             self.publish()
+            if refused:
+                self.log.warning("zpci_refused", what=refused)
+                raise RegionError(refused)
 
     def set_mode(self, mode: int) -> bool:
         if mode == self.mode:
@@ -364,7 +403,10 @@ class ZpciCore:
             self.function.counters.errors[f"pec_{pec:#04x}"] += 1
         self.log.warning("zpci_event", pec=hex(pec), faddr=hex(faddr), reason=reason,
                          kind=entry["type"])
-        self.function.irqs.signal(C.VFIO_PCI_ERR_IRQ_INDEX)
+        # Stock VMMs (QEMU's vfio-pci) stop the whole VM on the ERR IRQ: only a
+        # VMM that said it consumes the ring hears about new events.
+        if self.vmm_flags & VMM_EVENTS:
+            self.function.irqs.signal(C.VFIO_PCI_ERR_IRQ_INDEX)
         self.publish()
 
     def error(self, pec: int, faddr: int = 0, reason: str = "") -> None:
@@ -392,8 +434,10 @@ class ZpciCore:
         except Exception:
             self.log.exception("zpci_command_failed", cmd=cmd)
             out = Outcome(result=RES_BAD_REQUEST)
+        mask, r1_out, r2_out = writeback(cmd, out, r1, r2)
         struct.pack_into("<IBBBBQ", mm, MAILBOX + MB_RESULT, out.result, out.cc, out.status,
-                         out.exception, 0, out.r1 if out.r1 is not None else r1)
+                         out.exception, mask, r1_out)
+        struct.pack_into("<Q", mm, MAILBOX + MB_R2_OUT, r2_out)
         if out.fib is not None:
             mm[MAILBOX + MB_FIB_OUT : MAILBOX + MB_FIB_OUT + len(out.fib)] = out.fib
         self.publish()
@@ -481,6 +525,10 @@ class ZpciCore:
 
     def mpcifc(self, r1: int, fib_bytes: bytes) -> Outcome:
         fh, dmaas, oc = r1 >> 32, (r1 >> 16) & 0xFF, r1 & 0xFF
+        if not self.translating and oc in VMM_EMULATED_OCS:
+            # AIBV, AISB and the FMB are guest absolute addresses, which
+            # vmm-translates mode cannot reach: the VMM emulates these itself.
+            return Outcome(result=RES_WRONG_MODE)
         bad = self._lookup(fh)
         if bad:
             return bad
@@ -586,21 +634,38 @@ class ZpciCore:
         return Outcome()
 
     def _set_measurement(self, addr: int) -> Outcome:
+        self._fmb_stop()
         if addr & 0xF:
-            self.fmb_addr = 0
             self._event(Z.ZPCI_EVENT_ERROR, Z.ZPCI_PEC_FMB_PROTECTION, addr, reason="FMB misaligned")
-            return Outcome(cc=Z.ZPCI_PCI_LS_ERR)
+            return Outcome(cc=Z.ZPCI_PCI_LS_ERR)  # QEMU stores no status: the byte stays 0
         self.fmb_addr = addr
         if addr:
+            # A new block starts from zero; it is written now and then every MUI.
+            self.fmb = _fresh_fmb()
             self._fmb_update()
+            if self.fmb_addr and self.function.tasks is not None:
+                self._fmb_scope = trio.CancelScope()
+                self.function.tasks.start_soon(self._fmb_timer, self._fmb_scope)
         self.log.info("zpci_fmb", addr=hex(addr))
         return Outcome()
 
+    def _fmb_stop(self) -> None:
+        self.fmb_addr = 0
+        if self._fmb_scope is not None:
+            self._fmb_scope.cancel()
+            self._fmb_scope = None
+
+    async def _fmb_timer(self, scope: trio.CancelScope) -> None:
+        with scope:
+            while True:
+                await trio.sleep(DEFAULT_MUI / 1000)
+                self._fmb_update()
+
     def _fmb_update(self) -> None:
+        """Write the measurement block; ``samples`` is the number of earlier updates."""
         if not self.fmb_addr or not self.translating:
             return
         f = self.fmb
-        f["samples"] += 1
         # The lowest TOD bit (~0.24 ns) doubles as the update-in-progress flag.
         tod = _tod() & ~Z.ZPCI_FMB_UPDATE_IN_PROGRESS
         try:
@@ -608,20 +673,22 @@ class ZpciCore:
             # Same sequence as firmware: mark the update in progress, write the
             # counters, then the final timestamp with the in-progress bit clear.
             struct.pack_into(">Q", view, 8, tod | Z.ZPCI_FMB_UPDATE_IN_PROGRESS)
-            block = Z.Fmb(fmt=0, format_indicators=0x800000, samples=f["samples"],
+            block = Z.Fmb(fmt=0, format_indicators=0x800000, samples=f["samples"] & 0xFFFFFFFF,
                           last_update=tod | Z.ZPCI_FMB_UPDATE_IN_PROGRESS,
                           ld_ops=f["ld"], st_ops=f["st"], stb_ops=f["stb"], rpcit_ops=f["rpcit"],
                           dma_rbytes=f["dma_r"], dma_wbytes=f["dma_w"]).pack()
             view[: len(block)] = block
             struct.pack_into(">Q", view, 8, tod)
         except DmaFault:
-            addr, self.fmb_addr = self.fmb_addr, 0
+            addr = self.fmb_addr
+            self._fmb_stop()
             self._event(Z.ZPCI_EVENT_ERROR, Z.ZPCI_PEC_FMB_ADDR, addr, reason="FMB not writable")
+            return
+        f["samples"] += 1
 
     def _count(self, key: str, n: int = 1) -> None:
+        # Counted always; the guest sees the counters at the next MUI update.
         self.fmb[key] += n
-        if self.fmb_addr:
-            self._fmb_update()
 
     # ------------------------------------------------------------------ STPCIFC
     def stpcifc(self, r1: int) -> Outcome:
@@ -649,8 +716,8 @@ class ZpciCore:
                     isc=a.isc if a else 0, noi=a.noi if a else 0, aibvo=a.aibvo if a else 0,
                     sum=int(a.summary) if a else 0, aisbo=a.aisbo if a else 0,
                     aibv=a.aibv if a else 0, aisb=a.aisb if a else 0, fmb_addr=self.fmb_addr)
-        r1_out = r1 | (1 << 63) if not fh & Z.FH_MASK_ENABLE else r1
-        return Outcome(fib=fib.pack(), r1=r1_out)
+        # A handle passed without the enable bit comes back with bit 63 set (QEMU).
+        return Outcome(fib=fib.pack(), r1=None if fh & Z.FH_MASK_ENABLE else r1 | (1 << 63))
 
     # ------------------------------------------------------------------ RPCIT
     def rpcit(self, r1: int, start: int, length: int) -> Outcome:
@@ -662,18 +729,19 @@ class ZpciCore:
             return bad
         self.function.counters.rpcit_calls += 1
         if self.state == State.ERROR:
-            return Outcome(cc=Z.ZPCI_PCI_LS_ERR, status=Z.ZPCI_PCI_ST_FUNC_NOT_AVAIL,
-                           r1=_with_status(r1, Z.ZPCI_PCI_ST_FUNC_NOT_AVAIL))
+            return Outcome(cc=Z.ZPCI_PCI_LS_ERR, status=Z.ZPCI_PCI_ST_FUNC_NOT_AVAIL)
+        # QEMU's order: no IOTA, then the range against [PBA, PAL] -- before the
+        # direct-map and zero-length shortcuts, so a T=0 IOTA gets the same check.
         if self.iota == 0:
             return self._rpcit_error(r1, Z.ZPCI_PEC_INVALID_AS, start, "no IOTA registered")
-        if self.direct:
-            self._count("rpcit")
-            return Outcome(r1=r1)  # nothing to shadow: every IOVA is already mapped
-        if length == 0 and self.pba <= start <= self.pal:
-            self._count("rpcit")
-            return Outcome(r1=r1)  # nothing to refresh (QEMU answers cc 0 as well)
-        if length == 0 or start + length - 1 < self.pba or start > self.pal:
+        inside = self.pba <= start <= self.pal if length == 0 else \
+            start <= self.pal and start + length - 1 >= self.pba
+        if not inside:
             return self._rpcit_error(r1, Z.ZPCI_PEC_OUT_OF_RANGE, start, "range outside PBA-PAL")
+        if self.direct or length == 0:
+            # Direct map: nothing to shadow. Zero length: nothing to refresh (QEMU: cc 0).
+            self._count("rpcit")
+            return Outcome()
         # The walker clips to [PBA, PAL] itself and reports failures from ``start`` on.
         result = walk_rpcit(self.shadow, self.function.dma, self.iota, self.pba, self.pal, start, length)
         c = self.function.counters
@@ -688,14 +756,12 @@ class ZpciCore:
         self.publish()
         if result.insufficient_resources:
             c.errors["rpcit_insufficient_resources"] += 1
-            return Outcome(cc=Z.ZPCI_PCI_LS_ERR, status=Z.ZPCI_RPCIT_ST_INSUFF_RES,
-                           r1=_with_status(r1, Z.ZPCI_RPCIT_ST_INSUFF_RES))
-        return Outcome(r1=r1)
+            return Outcome(cc=Z.ZPCI_PCI_LS_ERR, status=Z.ZPCI_RPCIT_ST_INSUFF_RES)
+        return Outcome()
 
     def _rpcit_error(self, r1: int, pec: int, addr: int, reason: str) -> Outcome:
         self.error(pec, addr, reason)
-        return Outcome(cc=Z.ZPCI_PCI_LS_ERR, status=Z.ZPCI_PCI_ST_FUNC_IN_ERR,
-                       r1=_with_status(r1, Z.ZPCI_PCI_ST_FUNC_IN_ERR))
+        return Outcome(cc=Z.ZPCI_PCI_LS_ERR, status=Z.ZPCI_PCI_ST_FUNC_IN_ERR)
 
     # ------------------------------------------------------------------ load/store
     def _ls_check(self, fh: int) -> Outcome | None:
@@ -711,8 +777,7 @@ class ZpciCore:
         if bad:
             return bad
         if pcias > 5 or pcias not in self.function.config.bars:
-            return Outcome(cc=Z.ZPCI_PCI_LS_ERR, status=Z.ZPCI_PCI_ST_INVAL_AS,
-                           r1=_with_status(r1, Z.ZPCI_PCI_ST_INVAL_AS))
+            return Outcome(cc=Z.ZPCI_PCI_LS_ERR, status=Z.ZPCI_PCI_ST_INVAL_AS)
         if length > self.props.maxstbl or length == 0 or length > MB_DATA_SIZE:
             return Outcome(exception=EXC_SPECIFICATION)
         if (offset & 0xFFF) + length > PAGE:
@@ -725,7 +790,7 @@ class ZpciCore:
         # One access of the whole block: never split into smaller stores.
         await self.function.region_write(pcias, offset, data[:length])
         self._count("stb")
-        return Outcome(r1=r1)
+        return Outcome()
 
     def _ls_args(self, req: int, offset: int):
         fh, pcias, length = req >> 32, (req >> 16) & 0xF, req & 0xF
@@ -760,30 +825,59 @@ class ZpciCore:
         index, length = args
         await self.function.region_write(index, offset, (value & ((1 << (8 * length)) - 1)).to_bytes(length, "big"))
         self._count("st")
-        return Outcome(r1=value)
+        return Outcome()
 
     # ------------------------------------------------------------------ DMA path
     def _guest_view(self, gpa: int, length: int, write: bool) -> memoryview:
         return self.function.dma.view(gpa, length, write)
 
-    def translate(self, iova: int, length: int, write: bool) -> list[tuple[int, int]]:
-        """IOVA range -> guest address pieces, or an error event plus DmaFault."""
-        if self.state not in (State.ENABLED, State.BLOCKED) or not self.ioat:
+    def dma_fault(self, pec: int, fail: int, iova: int, length: int, write: bool,
+                  reason: str) -> NoReturn:
+        """A device DMA that cannot complete: error state and event (IOVA ``fail``), then DmaFault.
+
+        Only an enabled or blocked function changes state and reports; a function
+        already in the error state (or not enabled) just fails the access.
+        """
+        if self.state in (State.ENABLED, State.BLOCKED):
+            self.error(pec, fail, reason)
+        raise DmaFault(iova, length, write, reason)
+
+    def translate(self, iova: int, length: int, write: bool) -> list[tuple[int, int, int]]:
+        """IOVA range -> (iova, guest address, length) pieces, or an error event plus DmaFault."""
+        if not self.translating:
+            return [(iova, iova, length)]  # DMA_MAP keys are IOVAs: the VMM translated
+        if self.state not in (State.ENABLED, State.BLOCKED):
             raise DmaFault(iova, length, write, f"function {self.state.name.lower()}, DMA not enabled")
+        if not self.ioat:
+            self.dma_fault(Z.ZPCI_PEC_INVALID_AS, iova, iova, length, write,
+                           "DMA without registered I/O address translation")
         if iova < self.pba or iova + length - 1 > self.pal:
-            self.error(Z.ZPCI_PEC_OUT_OF_RANGE, iova, "DMA outside PBA-PAL")
-            raise DmaFault(iova, length, write, "outside the DMA aperture")
+            fail = iova if iova < self.pba or iova > self.pal else self.pal + 1
+            self.dma_fault(Z.ZPCI_PEC_OUT_OF_RANGE, fail, iova, length, write, "DMA outside PBA-PAL")
         if self.direct:
             gpa = iova - self.sdma
             if self.mem_limit and gpa + length > self.mem_limit:
-                self.error(Z.ZPCI_PEC_OUT_OF_RANGE, iova, "DMA beyond guest memory")
-                raise DmaFault(iova, length, write, "beyond guest memory")
-            return [(gpa, length)]
+                fail = max(iova, self.sdma + self.mem_limit)
+                self.dma_fault(Z.ZPCI_PEC_OUT_OF_RANGE, fail, iova, length, write, "DMA beyond guest memory")
+            return [(iova, gpa, length)]
         try:
-            return self.shadow.translate(iova, length, write)
+            pieces = self.shadow.translate(iova, length, write)
         except TranslationError as exc:
-            self.error(exc.pec, exc.iova, "DMA translation fault")
-            raise DmaFault(iova, length, write, str(exc)) from None
+            self.dma_fault(exc.pec, exc.iova, iova, length, write, f"DMA translation fault: {exc}")
+        out, pos = [], iova
+        for gpa, n in pieces:
+            out.append((pos, gpa, n))
+            pos += n
+        return out
+
+    def memory_fault(self, piece_iova: int, gpa: int, exc: DmaFault, iova: int, length: int,
+                     write: bool) -> NoReturn:
+        """A translated access that lands where the VMM mapped no guest memory."""
+        fail = piece_iova + max(0, exc.addr - gpa)
+        # zpcid-translates: the translation is fine, guest storage is not there;
+        # vmm-translates: the VMM has no mapping for the IOVA.
+        pec = Z.ZPCI_PEC_ACCESS_PROTECTION if self.translating else Z.ZPCI_PEC_TRANSLATION_PROTECTION
+        self.dma_fault(pec, fail, iova, length, write, f"guest memory not mapped: {exc.reason}")
 
     def _adapter_interrupt(self, vector: int) -> bool:
         """MSI-X vector -> AIBV bit (+ summary bit); True if the VMM must be signalled."""
@@ -820,6 +914,9 @@ class ZpciCore:
         return {
             "state": self.state.name.lower(),
             "mode": MODE_NAMES[self.mode],
+            "vmm": {"events": bool(self.vmm_flags & VMM_EVENTS),
+                    "adapter_interrupts": bool(self.vmm_flags & VMM_ADAPTER),
+                    "fid": self.vmm_fid, "uid": self.vmm_uid},
             "fh": self.fh,
             "pfgid": self.props.pfgid,
             "pchid": self.props.pchid,
@@ -839,6 +936,10 @@ class ZpciCore:
         }
 
 
+def _fresh_fmb() -> dict[str, int]:
+    return dict(samples=0, ld=0, st=0, stb=0, rpcit=0, dma_r=0, dma_w=0)
+
+
 _TOD_UNIX_EPOCH_US = 2208988800 * 1_000_000  # 1900-01-01 to 1970-01-01
 
 
@@ -847,70 +948,117 @@ def _tod() -> int:
     return ((time.time_ns() // 1000 + _TOD_UNIX_EPOCH_US) << 12) & ((1 << 64) - 1)
 
 
-def _with_status(r1: int, status: int) -> int:
-    return (r1 & ~(0xFF << 24)) | ((status & 0xFF) << 24)
+def _with_status(reg: int, status: int) -> int:
+    return (reg & ~(0xFF << 24)) | ((status & 0xFF) << 24)
+
+
+# Instructions whose status goes into r1 / into r2 (Linux pci_insn.c, QEMU s390-pci-inst.c).
+_STATUS_IN_R1 = frozenset({CMD_MPCIFC, CMD_STPCIFC, CMD_RPCIT, CMD_PCISTB})
+_STATUS_IN_R2 = frozenset({CMD_PCILG, CMD_PCISTG})
+
+
+def writeback(cmd: int, out: Outcome, r1: int, r2: int) -> tuple[int, int, int]:
+    """The registers the VMM stores into the guest: (mask, r1_out, r2_out).
+
+    cc 1/2 store the status (bits 24-31) into r1, or into r2 for PCILG/PCISTG;
+    cc 0 stores a value only where the instruction has one (the PCILG data, the
+    STPCIFC handle with bit 63); cc 3, exceptions and ABI errors store nothing.
+    """
+    if out.result != RES_OK or out.exception != EXC_NONE:
+        return 0, r1, r2
+    if out.cc in (Z.ZPCI_PCI_LS_ERR, Z.ZPCI_PCI_LS_BUSY):
+        if cmd in _STATUS_IN_R1:
+            return WB_R1, _with_status(r1, out.status), r2
+        if cmd in _STATUS_IN_R2:
+            return WB_R2, r1, _with_status(r2, out.status)
+    if out.cc == Z.ZPCI_PCI_LS_OK and out.r1 is not None:
+        return WB_R1, out.r1, r2
+    return 0, r1, r2
 
 
 class ZpciDmaPath:
-    """The DMA API device models use; translates IOVAs in zpcid-translates mode."""
+    """The DMA API device models use; IOVAs go through the zPCI IOMMU.
+
+    Every access that cannot complete raises DmaFault with the IOVA the device
+    used (after the function went to the error state with an error event).
+    """
 
     def __init__(self, core: ZpciCore):
         self.core = core
         self.space = core.function.dma
 
-    async def read(self, iova: int, length: int) -> bytes:
+    def _account(self, read: int, written: int) -> None:
         core = self.core
         if not core.translating:
-            return await self.space.read(iova, length)
-        pieces = core.translate(iova, length, False)
-        out = [await self.space.read(gpa, n) for gpa, n in pieces]
-        core._count("dma_r", length)
-        core.function.counters.dma_bytes_read += length
+            return
+        if read:
+            core._count("dma_r", read)
+            core.function.counters.dma_bytes_read += read
+        if written:
+            core._count("dma_w", written)
+            core.function.counters.dma_bytes_written += written
+
+    async def read(self, iova: int, length: int) -> bytes:
+        core = self.core
+        out = []
+        for piova, gpa, n in core.translate(iova, length, False):
+            try:
+                out.append(await self.space.read(gpa, n))
+            except DmaFault as exc:
+                core.memory_fault(piova, gpa, exc, iova, length, False)
+        self._account(length, 0)
         return out[0] if len(out) == 1 else b"".join(out)
 
     async def write(self, iova: int, data) -> None:
         core = self.core
-        if not core.translating:
-            await self.space.write(iova, data)
-            return
-        pieces = core.translate(iova, len(data), True)
-        pos = 0
         view = memoryview(data)
-        for gpa, n in pieces:
-            await self.space.write(gpa, view[pos : pos + n])
-            pos += n
-        core._count("dma_w", len(data))
-        core.function.counters.dma_bytes_written += len(data)
+        length = len(view)
+        for piova, gpa, n in core.translate(iova, length, True):
+            pos = piova - iova
+            try:
+                await self.space.write(gpa, view[pos : pos + n])
+            except DmaFault as exc:
+                core.memory_fault(piova, gpa, exc, iova, length, True)
+        self._account(0, length)
 
     async def copy(self, dst: int, src: int, length: int) -> None:
         """Device-internal copy between two IOVA ranges: one memcpy per contiguous piece."""
         core = self.core
-        if core.translating:
-            spieces = core.translate(src, length, False)
-            dpieces = core.translate(dst, length, True)
-        else:
-            spieces, dpieces = [(src, length)], [(dst, length)]
+        spieces = core.translate(src, length, False)
+        dpieces = core.translate(dst, length, True)
         space = self.space
         si = di = 0
-        (sa, sn), (da, dn) = spieces[0], dpieces[0]
+        (sio, sa, sn), (dio, da, dn) = spieces[0], dpieces[0]
         while True:
             n = min(sn, dn)
             try:
-                space.view(da, n, True)[:] = space.view(sa, n, False)
+                sview = space.view(sa, n, False)
             except DmaFault:
-                # message-mode or discontiguous client memory: go through read/write
-                await space.write(da, await space.read(sa, n))
-            sa, sn, da, dn = sa + n, sn - n, da + n, dn - n
+                sview = None
+            try:
+                dview = space.view(da, n, True) if sview is not None else None
+            except DmaFault:
+                dview = None
+            if dview is not None:
+                dview[:] = sview
+            else:
+                # message-mode, discontiguous or missing memory: read and write
+                # separately so a fault names the side (and IOVA) that failed
+                try:
+                    chunk = await space.read(sa, n)
+                except DmaFault as exc:
+                    core.memory_fault(sio, sa, exc, src, length, False)
+                try:
+                    await space.write(da, chunk)
+                except DmaFault as exc:
+                    core.memory_fault(dio, da, exc, dst, length, True)
+            sio, sa, sn, dio, da, dn = sio + n, sa + n, sn - n, dio + n, da + n, dn - n
             if sn == 0:
                 si += 1
                 if si == len(spieces):
                     break
-                sa, sn = spieces[si]
+                sio, sa, sn = spieces[si]
             if dn == 0:
                 di += 1
-                da, dn = dpieces[di]
-        if core.translating:
-            core._count("dma_r", length)
-            core._count("dma_w", length)
-            core.function.counters.dma_bytes_read += length
-            core.function.counters.dma_bytes_written += length
+                dio, da, dn = dpieces[di]
+        self._account(length, length)
