@@ -472,3 +472,24 @@ async def test_release_request_queues_availability_event(sock_dir):
             os.close(req[0])
     # the VMM did not let go: the release was forced and the function reset
     assert not env.server.attached and fn.zpci.state == Zr.State.DISABLED
+
+
+async def test_stock_vmm_gets_no_err_irq_for_errors_or_removal(sock_dir):
+    """A VMM that never set VMM_EVENTS (stock QEMU stops the VM on the ERR IRQ):
+    events still go into the ring, removal is asked through the REQ IRQ only."""
+    import trio
+
+    fn = engine()
+    async with zpci_env(sock_dir, fn, tables=False, vmm_flags=0) as env:
+        fn.inject_error(Z.ZPCI_PEC_SYSTEM_ERROR)
+        assert [p for _, p, _ in env.box.events()] == [Z.ZPCI_PEC_SYSTEM_ERROR]
+        assert vclient.read_eventfd(env.err_fd) == 0
+        req = await env.client.enable_irq_eventfds(4, 1)  # REQ
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(env.server.request_release, 0.2)
+                await vclient.wait_eventfd(req[0])
+                assert [p for _, p, _ in env.box.events()] == [Z.ZPCI_PEC_AVAIL_DECONFIG_REQUESTED]
+                assert vclient.read_eventfd(env.err_fd) == 0
+        finally:
+            os.close(req[0])
