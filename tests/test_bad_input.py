@@ -12,10 +12,10 @@ import trio
 from helpers import mapping_count, open_fds
 from vfio_raw import QEMU_VERSION_PAYLOAD, message, memory_server, raw_connect, settle
 
-from protocol import consts as C
-from protocol.header import HEADER, HEADER_SIZE, Command, Flags
+from protocol.vfio_user import consts as C
+from protocol.vfio_user.header import HEADER, HEADER_SIZE, Command, Flags
 from zpcid.devices.memory import MAGIC, REG_MAGIC
-from zpcid.memfd import Memfd
+from zpcid.vfio_user.memfd import Memfd
 
 BAR0, BAR4, CONFIG = 0, 4, C.VFIO_PCI_CONFIG_REGION_INDEX
 EVENTFD_TRIGGER = C.VFIO_IRQ_SET_DATA_EVENTFD | C.VFIO_IRQ_SET_ACTION_TRIGGER
@@ -272,11 +272,11 @@ async def test_fatal_header_behind_a_message_with_fds_leaks_nothing(sock_dir):
 
 
 async def test_client_vanishing_during_message_dma_fails_the_dma_at_once(sock_dir, monkeypatch):
-    import zpcid.endpoint
+    import zpcid.vfio_user.endpoint
     from zpcid.devices.memory import DMA_CMD_TO_HOST, REG_DMA_ADDR, REG_DMA_CMD, REG_DMA_LEN
 
     # Without a reply timeout to fall back on, only noticing the EOF can end the DMA.
-    monkeypatch.setattr(zpcid.endpoint, "DMA_REPLY_TIMEOUT", 3600)
+    monkeypatch.setattr(zpcid.vfio_user.endpoint, "DMA_REPLY_TIMEOUT", 3600)
     async with memory_server(sock_dir) as (fn, server):
         before = open_fds()
         async with raw_connect(server.path) as peer:
@@ -300,9 +300,9 @@ async def test_client_vanishing_during_message_dma_fails_the_dma_at_once(sock_di
 
 async def test_a_client_that_never_reads_is_dropped(sock_dir, monkeypatch):
     """Replies back up, commands pile up behind them; past the budget the client goes."""
-    import zpcid.endpoint
+    import zpcid.vfio_user.endpoint
 
-    monkeypatch.setattr(zpcid.endpoint, "MAX_QUEUED_BYTES", 16 << 10)
+    monkeypatch.setattr(zpcid.vfio_user.endpoint, "MAX_QUEUED_BYTES", 16 << 10)
     async with memory_server(sock_dir) as (fn, server):
         before = open_fds()
         async with raw_connect(server.path) as peer:

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from helpers import mapping_count
-from zpcid.dma import PAGE, DmaError, DmaFault, DmaSpace
-from zpcid.memfd import Memfd
+from zpcid.vfio_user.dma import PAGE, DmaError, DmaFault, DmaSpace
+from zpcid.vfio_user.memfd import Memfd
 
 GUEST = "zpcid-test-dma"
 

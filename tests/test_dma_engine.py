@@ -5,12 +5,12 @@ import struct
 
 import pytest
 
-from protocol import zpci as Z
-from zpcid import client as vclient
-from zpcid import zpci as Zr
-from zpcid.crc32c import crc32c
+from protocol.zpci import formats as Z
+from zpcid.vmm import client as vclient
+from zpcid.zpci import core as Zr
+from zpcid.devices.crc32c import crc32c
 from zpcid.devices import dma_engine as D
-from zpcid.vmm import attach
+from zpcid.vmm.model import attach
 from helpers import serving
 from zpci_env import props
 
@@ -183,7 +183,7 @@ async def test_vmm_translates_mode_message_dma(sock_dir):
 async def test_demo_runs_clean():
     import io
 
-    from zpcid.demo import run_demo
+    from zpcid.tools.demo import run_demo
 
     out = io.StringIO()
     assert await run_demo(out) == 0, out.getvalue()

@@ -4,14 +4,14 @@ import os
 
 import pytest
 
-from protocol import consts as C
+from protocol.vfio_user import consts as C
 from zpcid.devices import TYPES, load_all
 from zpcid.devices.memory import (DEFAULT_DEVICE, DEFAULT_VENDOR, DMA_CMD_FROM_HOST,
                                   DMA_CMD_TO_HOST, MAGIC, REG_DMA_ADDR, REG_DMA_CMD, REG_DMA_LEN,
                                   REG_DMA_STATUS, REG_DOORBELL, REG_MAGIC, REG_RAM_SIZE,
                                   REG_RINGS, REG_SCRATCH, REG_VERSION, MemoryFunction)
-from zpcid.memfd import Memfd
-from zpcid.regions import RegionError
+from zpcid.vfio_user.memfd import Memfd
+from zpcid.vfio_user.regions import RegionError
 
 BAR0, BAR2, BAR4 = 0, 2, 4
 

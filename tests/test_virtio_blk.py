@@ -14,13 +14,13 @@ from virtio_driver import (NEEDS_RESET, S_IOERR, S_OK, S_UNSUPP, T_DISCARD, T_FL
                            T_OUT, T_WRITE_ZEROES, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT,
                            VRING_DESC_F_WRITE, WAIT, DriverError, blk_guest, hdr, raw_chain,
                            wait_status)
-from zpcid import client as zclient
-from zpcid.client import read_eventfd, wait_eventfd
+from zpcid.vmm import client as zclient
+from zpcid.vmm.client import read_eventfd, wait_eventfd
 from zpcid.devices import TYPES, load_all
 from zpcid.devices.virtio_blk import VirtioBlkFunction
-from zpcid.pci import PCI_CAP_ID_MSIX, PCI_CAP_ID_VNDR
-from zpcid.virtio import pci as vp
-from zpcid.virtio.driver import GuestMemory, open_blk
+from zpcid.pci.config import PCI_CAP_ID_MSIX, PCI_CAP_ID_VNDR
+from zpcid.devices.virtio import pci as vp
+from zpcid.vmm.virtio_driver import GuestMemory, open_blk
 
 MiB = 1 << 20
 
@@ -393,7 +393,7 @@ async def test_queue_size_not_power_of_two_is_refused(disk, sock_dir):
     async with serving(fn, sock_dir) as server, zclient.connect(server.path) as c:
         mem = GuestMemory(MiB)
         await mem.map(c)
-        from zpcid.virtio.driver import VirtioBlkDriver
+        from zpcid.vmm.virtio_driver import VirtioBlkDriver
         drv = VirtioBlkDriver(c, mem)
         await drv.probe()
         await drv.reset()

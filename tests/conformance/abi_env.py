@@ -9,14 +9,14 @@ import struct
 
 import attrs
 
-from protocol import zpci as Z
-from zpcid import client as vclient
-from zpcid import zpci as Zr  # ABI constants only (offsets, codes)
+from protocol.zpci import formats as Z
+from zpcid.vmm import client as vclient
+from zpcid.zpci import core as Zr  # ABI constants only (offsets, codes)
 from zpcid.devices import dma_engine as D
-from zpcid.guest import GuestTables
-from zpcid.properties import ZpciProperties
-from zpcid.vmm import Vmm, attach
-from zpcid.zpci_client import Result
+from zpcid.vmm.guest import GuestTables
+from zpcid.zpci.properties import ZpciProperties
+from zpcid.vmm.model import Vmm, attach
+from zpcid.vmm.zpci_client import Result
 from helpers import serving
 
 GUEST_MEM = 64 << 20

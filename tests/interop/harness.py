@@ -17,9 +17,9 @@ import structlog
 import trio
 
 import qemu as qh
-from zpcid import client as zclient
+from zpcid.vmm import client as zclient
 from zpcid import devices, log
-from zpcid.server import FunctionServer
+from zpcid.vfio_user.server import FunctionServer
 
 DETACH_TIMEOUT = 10.0
 LOG_TAIL = 12000

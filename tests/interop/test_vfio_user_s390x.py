@@ -29,7 +29,7 @@ import harness
 import qemu as qh
 from harness import PCI_COMMAND, Session
 from zpcid.devices import memory as mem
-from zpcid.properties import ZpciProperties
+from zpcid.zpci.properties import ZpciProperties
 
 ZPCI_UID, ZPCI_FID = 0x1234, 0x10
 GUEST_MEM = 512 << 20  # qh.run_guest's default guest RAM

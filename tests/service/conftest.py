@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from zpcid import ctl
+from zpcid.service import ctl
 
 START_TIMEOUT = 10.0
 
@@ -25,8 +25,8 @@ def command(name: str, module: str) -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", module]
 
 
-ZPCID = command("zpcid", "zpcid.cli")
-ZPCICTL = command("zpcictl", "zpcid.ctl")
+ZPCID = command("zpcid", "zpcid.service.cli")
+ZPCICTL = command("zpcictl", "zpcid.service.ctl")
 
 
 def toml_value(v) -> str:

@@ -13,8 +13,8 @@ import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from protocol import consts as C
-from zpcid import client as zclient
+from protocol.vfio_user import consts as C
+from zpcid.vmm import client as zclient
 from zpcid.devices.memory import MAGIC, REG_MAGIC, REG_SCRATCH
 
 from .conftest import ZPCICTL, memfn
@@ -185,7 +185,7 @@ def _ctl_as(uid: int, gid: int, argv: list[str]) -> tuple[int, str]:
             os.setgid(gid)
             os.setuid(uid)
             import io
-            from zpcid import ctl
+            from zpcid.service import ctl
             err = io.StringIO()
             code = ctl.run(argv, out=io.StringIO(), err=err)
             os.write(w, err.getvalue().encode())

@@ -11,11 +11,11 @@ import struct
 
 import trio
 
-from zpcid.crc32c import crc32c
+from zpcid.devices.crc32c import crc32c
 from zpcid.devices import register
-from zpcid.dma import DmaFault
-from zpcid.function import PciFunction
-from zpcid.regions import WindowedRegion
+from zpcid.vfio_user.dma import DmaFault
+from zpcid.pci.function import PciFunction
+from zpcid.vfio_user.regions import WindowedRegion
 
 DEFAULT_VENDOR = 0x1014  # test IDs, see docs/devices/dma-engine.md
 DEFAULT_DEVICE = 0xFE10
@@ -237,7 +237,7 @@ class Driver:
         """STATUS once the engine is idle."""
         with trio.fail_after(timeout):
             if self.irq_fd is not None:
-                from zpcid.client import wait_eventfd
+                from zpcid.vmm.client import wait_eventfd
 
                 await wait_eventfd(self.irq_fd, timeout)
                 return await self.reg(REG_STATUS)

@@ -20,9 +20,9 @@ from __future__ import annotations
 import struct
 
 from zpcid.devices import register
-from zpcid.dma import DmaFault
-from zpcid.function import PciFunction
-from zpcid.regions import MemfdRegion, WindowedRegion
+from zpcid.vfio_user.dma import DmaFault
+from zpcid.pci.function import PciFunction
+from zpcid.vfio_user.regions import MemfdRegion, WindowedRegion
 
 MAGIC = 0x7A706369
 REG_MAGIC, REG_VERSION, REG_SCRATCH, REG_DOORBELL, REG_RINGS = 0x00, 0x04, 0x08, 0x0C, 0x10

@@ -1,6 +1,6 @@
 """The `virtio-blk` function type: a modern (1.x) virtio block device over PCI.
 
-BAR0  virtio structures (common / ISR / device config / notify, see zpcid.virtio.pci)
+BAR0  virtio structures (common / ISR / device config / notify, see zpcid.devices.virtio.pci)
 BAR2  MSI-X table and PBA: vector 0.. for the driver to assign (config + one per queue)
 Backed by a file or block device; I/O runs in worker threads (a CapacityLimiter
 bounds them) so the trio loop never blocks, and a request's status is only
@@ -21,9 +21,9 @@ from typing import Any
 import trio
 
 from zpcid.devices import register
-from zpcid.function import PciFunction
-from zpcid.virtio import pci as vp
-from zpcid.virtio.queue import (Chain, GuardedDma, RingError, Service, SplitQueue, Stopped,
+from zpcid.pci.function import PciFunction
+from zpcid.devices.virtio import pci as vp
+from zpcid.devices.virtio.queue import (Chain, GuardedDma, RingError, Service, SplitQueue, Stopped,
                                 gather, is_dma_error, scatter, slice_iov, validate_queue)
 
 VIRTIO_ID_BLOCK = 2

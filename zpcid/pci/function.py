@@ -1,0 +1,250 @@
+"""A PCI function served over vfio-user: config space, BARs, MSI-X, IRQs, DMA."""
+
+from __future__ import annotations
+
+import collections
+from typing import Any, Sequence
+
+import attrs
+import trio
+
+from protocol.vfio_user import consts as C
+from protocol.vfio_user.messages import IrqSet
+from zpcid import log
+from zpcid.vfio_user.device import RegionDesc, Session
+from zpcid.vfio_user.dma import DmaSpace
+from zpcid.vfio_user.irq import IrqTable
+from zpcid.pci.msix import Msix
+from zpcid.pci.config import Bar, ConfigRegion, ConfigSpace
+from zpcid.zpci.properties import ZpciProperties
+from zpcid.vfio_user.regions import Region, RegionError, WindowedRegion
+
+
+@attrs.define
+class FunctionCounters:
+    """Monotonic per-function counters (exported as Prometheus ``_total`` metrics)."""
+
+    rpcit_calls: int = 0
+    pages_mapped: int = 0
+    pages_unmapped: int = 0
+    dma_bytes_read: int = 0
+    dma_bytes_written: int = 0
+    interrupts: int = 0
+    attaches: int = 0
+    errors: collections.Counter = attrs.field(factory=collections.Counter)  # kind -> count
+
+
+class PciFunction:
+    """Base of every function type; subclasses add BARs and behaviour."""
+
+    type_name = "pci"
+
+    def __init__(self, name: str, *, vendor: int, device: int, class_code: int = 0xFF0000,
+                 subsys_vendor: int = 0, subsys: int = 0, revision: int = 0,
+                 msix_vectors: int = 4, max_dma_maps: int = 65535,
+                 zpci: ZpciProperties | None = None):
+        self.name = name
+        self.props = zpci or ZpciProperties()
+        self.counters = FunctionCounters()
+        self.log = log.get("zpcid.pci.function", function=name)
+        self.config = ConfigSpace(vendor, device, class_code, subsys_vendor, subsys, revision)
+        self.config.add_pcie_capability()
+        self.regions: dict[int, Region] = {C.VFIO_PCI_CONFIG_REGION_INDEX: ConfigRegion(self.config)}
+        self.irqs = IrqTable(
+            {C.VFIO_PCI_MSIX_IRQ_INDEX: msix_vectors, C.VFIO_PCI_ERR_IRQ_INDEX: 1,
+             C.VFIO_PCI_REQ_IRQ_INDEX: 1},
+            maskable=frozenset({C.VFIO_PCI_MSIX_IRQ_INDEX}),
+        )
+        self.msix: Msix | None = None
+        self._msix_vectors = msix_vectors
+        self.dma = DmaSpace(max_dma_maps)
+        self.session: Session | None = None
+        # Session-scoped nursery (set by the server): device work that may wait on
+        # the client must not run inside a register access, because QEMU serves
+        # DMA_READ/DMA_WRITE under the lock its vCPU holds while it waits for
+        # our reply to that access.
+        self.tasks: trio.Nursery | None = None
+        # Every function is a zPCI function: the control region (index 9) carries
+        # CLP data, the instruction mailbox and the event ring.
+        from zpcid.zpci.core import ZPCI_REGION_INDEX, ZpciCore, ZpciDmaPath
+
+        self.zpci = ZpciCore(self)
+        self.regions[ZPCI_REGION_INDEX] = self.zpci.region
+        # What device models use for DMA: async read(iova, n) / write(iova, data);
+        # IOVAs go through the zPCI IOMMU when the VMM lets zpcid translate.
+        self.dma_path = ZpciDmaPath(self.zpci)
+
+    # ------------------------------------------------------------------ building
+    def add_bar(self, index: int, region: Region, *, is64: bool = True, prefetch: bool = False) -> Bar:
+        bar = Bar(index, region, is64, prefetch)
+        self.config.add_bar(bar)
+        self.regions[index] = region
+        self.zpci.publish()
+        return bar
+
+    def add_msix_bar(self, index: int, size: int = 0x4000) -> WindowedRegion:
+        """A trapped BAR holding the MSI-X table (offset 0) and PBA (second half)."""
+        region = WindowedRegion(size)
+        self.msix = Msix(self.config, self.irqs, self._msix_vectors, index, 0, size // 2)
+        region.add(0, self.msix.table_size, self.msix.table_read, self.msix.table_write)
+        region.add(size // 2, self.msix.pba_size, self.msix.pba_read, self.msix.pba_write)
+        self.add_bar(index, region)
+        return region
+
+    def add_region(self, index: int, region: Region) -> None:
+        if index < C.VFIO_PCI_NUM_REGIONS:
+            raise ValueError("device-specific regions start at index 9")
+        self.regions[index] = region
+
+    async def defer(self, async_fn, *args) -> None:
+        """Run device work after the current message is answered (inline without a session)."""
+        if self.tasks is None:
+            await self._guarded(async_fn, *args)
+        else:
+            self.tasks.start_soon(self._guarded, async_fn, *args)
+
+    async def _guarded(self, async_fn, *args) -> None:
+        try:
+            await async_fn(*args)
+        except Exception:  # a device bug must not end the client's session
+            self.log.exception("device_task_failed")
+            self.counters.errors["device_task"] += 1
+
+    # ------------------------------------------------------------------ lifecycle
+    def attach(self, session: Session) -> None:
+        self.session = session
+        self.dma.message_io = session
+        self.counters.attaches += 1
+
+    def detach(self) -> None:
+        """The client left: drop its DMA maps and eventfds, reset the function."""
+        self.dma.message_io = None
+        self.dma.close()
+        self.irqs.clear()
+        self.session = None
+        self.reset_state()
+        # The guest went with its VMM: the next one starts from a configured,
+        # disabled function with nothing registered.
+        self.zpci.reset_all()
+
+    def reset_state(self) -> None:
+        """Function-level reset of emulated state (kept: client DMA maps, eventfds)."""
+        # BAR addresses, command register, interrupt line, PCIe control: nothing of
+        # the previous guest's programming survives.
+        self.config.reset()
+        if self.msix is not None:
+            self.msix.reset()
+
+    async def reset(self) -> None:
+        self.log.info("device_reset")
+        self.reset_state()
+        self.zpci.function_reset()
+
+    # ------------------------------------------------------------------ vfio-user device API
+    def device_info(self) -> tuple[int, int, int]:
+        num_regions = max(C.VFIO_PCI_NUM_REGIONS, max(self.regions) + 1)
+        return C.VFIO_DEVICE_FLAGS_PCI | C.VFIO_DEVICE_FLAGS_RESET, num_regions, C.VFIO_PCI_NUM_IRQS
+
+    def region_info(self, index: int) -> RegionDesc:
+        region = self.regions.get(index)
+        if region is None:
+            if index >= self.device_info()[1]:
+                raise RegionError(f"region index {index} does not exist")
+            return RegionDesc(0, 0)
+        return RegionDesc(region.flags(), region.size, region.caps(), region.mmap_fd(), 0)
+
+    def _region(self, index: int) -> Region:
+        region = self.regions.get(index)
+        if region is None:
+            raise RegionError(f"region {index} is not implemented")
+        return region
+
+    async def region_read(self, index: int, offset: int, count: int) -> bytes:
+        region = self._region(index)
+        region.check(offset, count)
+        if not region.readable:
+            raise RegionError(f"region {index} is not readable")
+        return await region.read(offset, count)
+
+    async def region_write(self, index: int, offset: int, data: bytes) -> None:
+        region = self._region(index)
+        region.check(offset, len(data))
+        if not region.writable:
+            raise RegionError(f"region {index} is not writable")
+        await region.write(offset, data)
+
+    def irq_info(self, index: int) -> tuple[int, int]:
+        return self.irqs.info(index)
+
+    def set_irqs(self, req: IrqSet, fds: Sequence[int]) -> list[int]:
+        return self.irqs.apply(req, fds)
+
+    def dma_map(self, iova: int, size: int, readable: bool, writable: bool,
+                fd: int | None, offset: int) -> None:
+        self.dma.add(iova, size, readable, writable, fd, offset)
+
+    def dma_unmap(self, iova: int, size: int) -> int:
+        return len(self.dma.remove(iova, size))
+
+    def dma_unmap_all(self) -> int:
+        return len(self.dma.clear())
+
+    def describe(self) -> dict[str, Any]:
+        """State for the control socket (``zpcictl show``); JSON-serialisable."""
+        cfg = self.config
+        return {
+            "name": self.name,
+            "type": self.type_name,
+            "fid": self.props.fid,
+            "uid": self.props.uid,
+            "vendor": cfg.u16(0),
+            "device": cfg.u16(2),
+            "attached": self.session is not None,
+            "dma_maps": len(self.dma),
+            "irq_eventfds": self.irqs.installed(),
+            "msix_enabled": bool(self.msix and self.msix.enabled),
+            "zpci": self.zpci.describe(),
+            "counters": {k: v for k, v in attrs.asdict(self.counters).items() if k != "errors"}
+            | {"errors": dict(self.counters.errors)},
+        }
+
+    # zPCI operations for the control socket (zpcictl)
+    def zpci_mappings(self) -> list[dict[str, Any]]:
+        if self.zpci.direct:
+            z = self.zpci
+            return [{"iova": z.pba, "size": z.pal - z.pba + 1, "gpa": z.pba - z.sdma,
+                     "writable": True, "direct": True}]
+        return [{"iova": i, "size": n, "gpa": g, "writable": w}
+                for i, n, g, w in self.zpci.shadow.ranges()]
+
+    def zpci_events(self, clear: bool = False) -> list[dict[str, Any]]:
+        events = list(self.zpci.event_log)
+        if clear:
+            self.zpci.event_log.clear()
+        return events
+
+    def inject_error(self, pec: int) -> dict[str, Any]:
+        return self.zpci.inject_error(pec)
+
+    SETTABLE = ("relaxed_translation", "relaxed_alignment", "dma_limit", "maxstbl", "compat",
+                "pchid", "pfgid", "util_str")
+
+    def set_property(self, key: str, value: Any) -> None:
+        """Change a zPCI property; only while no VMM is attached (the guest would notice)."""
+        if self.session is not None:
+            raise RuntimeError("function is attached; detach the VMM first")
+        key = key.replace("-", "_")
+        if key not in self.SETTABLE:
+            raise KeyError(f"property {key!r} cannot be set at run time (settable: {', '.join(self.SETTABLE)})")
+        self.props = attrs.evolve(self.props, **{key: value})
+        self.zpci.props = self.props
+        self.zpci.shadow.limit = self.props.dma_limit
+        self.zpci.reset_all()
+
+    def close(self) -> None:
+        """Release the function's own resources (the daemon is done with it)."""
+        self.detach()
+        for region in self.regions.values():
+            close = getattr(region, "close", None)
+            if close:
+                close()

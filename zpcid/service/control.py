@@ -1,0 +1,162 @@
+"""The control socket: newline-delimited JSON requests and responses (docs/control-protocol.md).
+
+Each connection's peer credentials (SO_PEERCRED) are checked before any
+request is read: root, the daemon's own user and members of the optional
+admin group are allowed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import socket
+import struct
+from typing import Any, Awaitable, Callable
+
+import trio
+
+from zpcid import log
+
+MAX_LINE = 1 << 20
+MAX_CONNECTIONS = 32
+PROTOCOL_VERSION = 1
+
+Handler = Callable[[dict[str, Any]], Awaitable[Any]]
+
+
+class CommandError(Exception):
+    """A request failed; ``code`` is one of the documented error codes."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def peer_credentials(sock) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the connected peer."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", raw)
+
+
+def peer_allowed(uid: int, gid: int, admin_gid: int | None) -> bool:
+    if uid == 0 or uid == os.geteuid():
+        return True
+    if admin_gid is None:
+        return False
+    if gid == admin_gid:
+        return True
+    try:
+        return admin_gid in os.getgrouplist(pwd.getpwuid(uid).pw_name, gid)
+    except (KeyError, OSError):
+        return False
+
+
+def encode(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), default=str).encode() + b"\n"
+
+
+class ControlServer:
+    """Accepts control connections and dispatches requests to ``handlers``."""
+
+    def __init__(self, handlers: dict[str, Handler], admin_gid: Callable[[], int | None]):
+        self.handlers = handlers
+        self.admin_gid = admin_gid
+        self.requests = 0
+        self.refused = 0
+        self.log = log.get("zpcid.service.control")
+        self._slots = trio.Semaphore(MAX_CONNECTIONS)
+
+    async def serve(self, listener: trio.socket.SocketType) -> None:
+        async with trio.open_nursery() as nursery:
+            while True:
+                conn, _ = await listener.accept()
+                nursery.start_soon(self._connection, conn)
+
+    async def _connection(self, conn: trio.socket.SocketType) -> None:
+        with conn:
+            try:
+                pid, uid, gid = peer_credentials(conn)
+            except OSError:
+                return
+            if not peer_allowed(uid, gid, self.admin_gid()):
+                self.refused += 1
+                self.log.warning("control_refused", peer_pid=pid, peer_uid=uid, peer_gid=gid)
+                await self._send(conn, {"ok": False, "error": {
+                    "code": "permission-denied",
+                    "message": f"uid {uid} may not control this daemon (needs uid {os.geteuid()}, "
+                               f"root or the admin group)"}})
+                return
+            try:
+                self._slots.acquire_nowait()
+            except trio.WouldBlock:
+                await self._send(conn, {"ok": False, "error": {
+                    "code": "busy", "message": "too many control connections"}})
+                return
+            try:
+                await self._requests(conn)
+            finally:
+                self._slots.release()
+
+    async def _requests(self, conn) -> None:
+        buf = b""
+        while True:
+            while b"\n" not in buf:
+                if len(buf) > MAX_LINE:
+                    await self._send(conn, {"ok": False, "error": {
+                        "code": "bad-request", "message": f"request longer than {MAX_LINE} bytes"}})
+                    return
+                try:
+                    chunk = await conn.recv(65536)
+                except OSError:
+                    return
+                if not chunk:
+                    return
+                buf += chunk
+            line, buf = buf.split(b"\n", 1)
+            if not line.strip():
+                continue
+            response = await self.handle_line(line)
+            if not await self._send(conn, response):
+                return
+
+    async def handle_line(self, line: bytes) -> dict[str, Any]:
+        self.requests += 1
+        try:
+            req = json.loads(line)
+        except (ValueError, UnicodeDecodeError) as exc:
+            return {"ok": False, "error": {"code": "bad-request", "message": f"not JSON: {exc}"}}
+        rid = req.get("id") if isinstance(req, dict) else None
+        out: dict[str, Any] = {"id": rid} if rid is not None else {}
+        if not isinstance(req, dict) or not isinstance(req.get("command"), str):
+            return out | {"ok": False, "error": {
+                "code": "bad-request", "message": "expected an object with a string 'command'"}}
+        args = req.get("args", {})
+        if not isinstance(args, dict):
+            return out | {"ok": False, "error": {"code": "bad-request", "message": "'args' must be an object"}}
+        command = req["command"]
+        handler = self.handlers.get(command)
+        if handler is None:
+            return out | {"ok": False, "error": {
+                "code": "unknown-command",
+                "message": f"unknown command {command!r}; known: {', '.join(sorted(self.handlers))}"}}
+        try:
+            result = await handler(args)
+        except CommandError as exc:
+            self.log.info("control_command_failed", command=command, code=exc.code, error=exc.message)
+            return out | {"ok": False, "error": {"code": exc.code, "message": exc.message}}
+        except Exception as exc:  # a handler bug must not take the daemon down
+            self.log.exception("control_command_crashed", command=command)
+            return out | {"ok": False, "error": {"code": "internal", "message": f"{type(exc).__name__}: {exc}"}}
+        return out | {"ok": True, "result": result}
+
+    async def _send(self, conn, obj) -> bool:
+        data = memoryview(encode(obj))
+        try:
+            while data:
+                n = await conn.send(data)
+                data = data[n:]
+        except OSError:
+            return False
+        return True

@@ -1,0 +1,533 @@
+"""The zpcid service: many functions, each on its own socket, plus control, signals and metrics."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+import time
+from typing import Any
+
+import attrs
+import structlog
+import trio
+
+import zpcid
+from protocol.zpci.formats import ZPCI_PEC_SYSTEM_ERROR
+from zpcid.service import config as cfg
+from zpcid import log
+from zpcid.service import metrics
+from zpcid.service import runtime
+from zpcid.service.control import CommandError, ControlServer
+from zpcid.service.sdnotify import Notifier
+from zpcid.vfio_user.server import FunctionServer, SocketInUse, bind_unix
+
+# Injected when `zpcictl inject-error` gives no --pec: "system error", which a
+# Linux guest answers with its generic error-recovery flow.
+DEFAULT_INJECT_PEC = ZPCI_PEC_SYSTEM_ERROR
+STATUS_INTERVAL = 1.0
+
+
+class StartupError(Exception):
+    """The daemon cannot start; the message is for the operator."""
+
+
+class Managed:
+    """A function the daemon serves, with its server task."""
+
+    def __init__(self, config: cfg.FunctionConfig, function, server: FunctionServer, origin: str):
+        self.config = config
+        self.function = function
+        self.server = server
+        self.origin = origin  # "file" or "runtime" (zpcictl add)
+        self.state = "starting"
+        self.scope = trio.CancelScope()
+        self.done = trio.Event()
+
+    @property
+    def fid(self) -> int:
+        return self.config.fid
+
+    def summary(self) -> dict[str, Any]:
+        return {"fid": self.fid, "uid": self.config.uid, "name": self.config.name,
+                "type": self.config.type, "state": self.state, "attached": self.server.attached,
+                "socket": self.config.socket, "origin": self.origin}
+
+
+class Daemon:
+    def __init__(self, config: cfg.Config, config_path: str | None = None,
+                 notifier: Notifier | None = None):
+        self.config = config  # the configuration file as last loaded successfully
+        self.config_path = config_path  # None: the embedded default
+        self.notifier = notifier or Notifier()
+        self.functions: dict[int, Managed] = {}
+        self.log = log.get("zpcid.service.daemon")
+        self.started = time.time()
+        self.reloads = 0
+        self.reload_failures = 0
+        self._lock = trio.Lock()  # serialises add/remove/set/reload
+        self._nursery: trio.Nursery | None = None
+        self._stop = trio.Event()
+        self._status = ""
+        self.control = ControlServer(self._handlers(), lambda: self.config.daemon.admin_gid)
+        self.registry = metrics.make_registry(
+            lambda: [(m.fid, m.function, m.server.attached) for m in list(self.functions.values())])
+
+    # ------------------------------------------------------------------ main
+    async def run(self) -> None:
+        d = self.config.daemon
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            try:
+                runtime.ensure_dir(d.runtime_dir)
+                if d.admin_gid is not None and os.path.dirname(d.control_socket) == d.runtime_dir:
+                    # The admin group must be able to reach the control socket.
+                    os.chown(d.runtime_dir, -1, d.admin_gid)
+                    os.chmod(d.runtime_dir, 0o750)
+            except (OSError, runtime.RuntimeDirError) as exc:
+                raise StartupError(f"runtime directory {d.runtime_dir}: {exc}") from None
+            unlink: list[str] = []
+            try:
+                async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
+                    nursery.start_soon(self._signals, signals)
+                    control = self._bind(d.control_socket, d.control_mode, d.admin_gid, "control-socket")
+                    unlink.append(d.control_socket)
+                    nursery.start_soon(self._serve_listener, control, self.control.serve)
+                    self.log.info("control_listening", socket=d.control_socket)
+                    if d.metrics_listen:
+                        listener = self._bind_metrics(d.metrics_listen)
+                        if d.metrics_listen.startswith("unix:"):
+                            unlink.append(d.metrics_listen[5:])
+                        nursery.start_soon(self._serve_listener, listener,
+                                           lambda s: metrics.serve_http(s, self.registry))
+                        self.log.info("metrics_listening", address=d.metrics_listen)
+                    for fc in self.config.functions:
+                        try:
+                            await self._start(fc.create(), fc, "file")
+                        except cfg.ConfigError as exc:
+                            raise StartupError(str(exc)) from None
+                    self.notifier.notify("READY=1", f"STATUS={self.status()}", f"MAINPID={os.getpid()}")
+                    self.log.info("ready", functions=len(self.functions), pid=os.getpid())
+                    if self.notifier.watchdog_usec:
+                        nursery.start_soon(self._watchdog)
+                    nursery.start_soon(self._status_updater)
+                    await self._stop.wait()
+                    self.notifier.notify("STOPPING=1", "STATUS=stopping")
+                    self.log.info("stopping", functions=len(self.functions))
+                    nursery.cancel_scope.cancel()
+            finally:
+                for path in unlink:
+                    _unlink_socket(path)
+                self.notifier.close()
+        self.log.info("stopped")
+
+    def _bind(self, path: str, mode: int, gid: int | None, key: str):
+        try:
+            sock = bind_unix(path, mode)
+        except SocketInUse as exc:
+            raise StartupError(f"[daemon] {key}: {exc}") from None
+        except OSError as exc:
+            raise StartupError(f"[daemon] {key}: cannot listen on {path}: {exc}") from None
+        if gid is not None:
+            try:
+                os.chown(path, -1, gid)
+            except OSError as exc:
+                sock.close()
+                _unlink_socket(path)
+                raise StartupError(f"[daemon] {key}: cannot give {path} to gid {gid}: {exc}") from None
+        return sock
+
+    def _bind_metrics(self, address: str):
+        if address.startswith("unix:"):
+            gid = self.config.daemon.admin_gid
+            return self._bind(address[5:], 0o600 if gid is None else 0o660, gid, "metrics-listen")
+        host, _, port = address[4:].rpartition(":")
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = trio.socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock._sock.bind((host, int(port)))  # noqa: SLF001 - numeric address, no resolution
+            sock.listen(16)
+        except OSError as exc:
+            sock.close()
+            raise StartupError(f"[daemon] metrics-listen: cannot listen on {host}:{port}: {exc}") from None
+        return sock
+
+    async def _serve_listener(self, sock, serve) -> None:
+        with sock:
+            await serve(sock)
+
+    async def _signals(self, signals) -> None:
+        async for signum in signals:
+            if signum == signal.SIGHUP:
+                self._nursery.start_soon(self._reload_task)
+            else:
+                self.log.info("signal", signal=signal.Signals(signum).name)
+                self._stop.set()
+
+    async def _reload_task(self) -> None:
+        try:
+            await self.reload()
+        except Exception:  # a reload bug must not take the running functions down
+            self.reload_failures += 1
+            self.log.exception("reload_crashed")
+
+    async def _watchdog(self) -> None:
+        # Pinging from a task proves the event loop (not just the process) is alive.
+        interval = self.notifier.watchdog_usec / 2e6
+        while True:
+            self.notifier.notify("WATCHDOG=1")
+            await trio.sleep(interval)
+
+    async def _status_updater(self) -> None:
+        while True:
+            status = self.status()
+            if status != self._status:
+                self._status = status
+                self.notifier.notify(f"STATUS={status}")
+            await trio.sleep(STATUS_INTERVAL)
+
+    def status(self) -> str:
+        attached = sum(m.server.attached for m in self.functions.values())
+        return f"serving {len(self.functions)} functions, {attached} attached"
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    # ------------------------------------------------------------------ functions
+    async def _start(self, function, fc: cfg.FunctionConfig, origin: str) -> Managed:
+        """Listen on the function's socket in its own task; raise ConfigError if it cannot."""
+        d = self.config.daemon
+        server = FunctionServer(function, fc.socket, mode=d.socket_mode)
+        ids = {"fid": fc.fid, "uid": fc.uid}
+        server.log = server.log.bind(**ids)
+        function.log = function.log.bind(**ids)
+        managed = Managed(fc, function, server, origin)
+        try:
+            await self._nursery.start(self._run_function, managed)
+        except (SocketInUse, OSError) as exc:
+            function.close()
+            raise cfg.ConfigError(f"{fc.source}: {fc.where} key 'socket': {exc}") from None
+        if d.socket_gid is not None:
+            try:
+                os.chown(fc.socket, -1, d.socket_gid)
+            except OSError as exc:
+                self.log.warning("socket_chown_failed", socket=fc.socket, error=str(exc), **ids)
+        self.log.info("function_started", name=fc.name, type=fc.type, socket=fc.socket,
+                      origin=origin, **ids)
+        return managed
+
+    async def _run_function(self, m: Managed, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        started = False
+
+        def on_started(value=None):
+            nonlocal started
+            started = True
+            m.state = "serving"
+            self.functions[m.fid] = m
+            task_status.started(value)
+
+        ids = {"fid": m.fid, "uid": m.config.uid}
+        # Every task this function's server spawns (sessions, endpoint) inherits
+        # these, so all of its log events carry fid and uid.
+        structlog.contextvars.bind_contextvars(**ids)
+        try:
+            with m.scope:
+                await m.server.serve(task_status=_Status(on_started))
+        except Exception as exc:
+            if not started:
+                raise
+            # One function failing must not take the others down.
+            m.state = "failed"
+            self.log.exception("function_failed", error=f"{type(exc).__name__}: {exc}", **ids)
+        finally:
+            if self.functions.get(m.fid) is m:
+                del self.functions[m.fid]
+            if started:
+                try:
+                    m.function.close()
+                except Exception:
+                    self.log.exception("function_close_failed", **ids)
+                self.log.info("function_stopped", **ids)
+            m.done.set()
+
+    async def _stop_function(self, m: Managed, timeout: float, force: bool = False) -> dict[str, Any]:
+        """Remove a function; an attached VMM gets the REQ IRQ and ``timeout`` seconds."""
+        was_attached = m.server.attached
+        released = True
+        m.state = "stopping"
+        if was_attached:
+            if force:
+                m.server.force_detach()
+                released = False
+            else:
+                released = await m.server.request_release(timeout)
+        m.scope.cancel()
+        await m.done.wait()
+        if self.functions.get(m.fid) is m:
+            del self.functions[m.fid]
+        return {"fid": m.fid, "was_attached": was_attached, "released": released,
+                "forced": was_attached and not released}
+
+    def _get(self, args: dict[str, Any]) -> Managed:
+        fid = args.get("fid")
+        if isinstance(fid, str):
+            try:
+                fid = int(fid, 0)
+            except ValueError:
+                raise CommandError("bad-request", f"fid {fid!r} is not a number") from None
+        if not isinstance(fid, int) or isinstance(fid, bool):
+            raise CommandError("bad-request", "expected an integer 'fid'")
+        m = self.functions.get(fid)
+        if m is None:
+            raise CommandError("not-found", f"no function with fid {fid:#x}")
+        return m
+
+    # ------------------------------------------------------------------ reload
+    async def reload(self) -> bool:
+        """Re-read the file; apply only changed entries; keep the old config on any error."""
+        async with self._lock:
+            self.notifier.notify("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
+            self.log.info("reload_requested", config=self.config_path or "<embedded default>")
+            try:
+                applied = await self._reload()
+            except cfg.ConfigError as exc:
+                self.reload_failures += 1
+                self.log.error("reload_rejected", error=str(exc))
+                self.notifier.notify("READY=1", f"STATUS=reload rejected, old configuration kept: {exc}")
+                self._status = ""
+                return False
+            self.reloads += 1
+            self.log.info("reload_done", **applied)
+            self.notifier.notify("READY=1", f"STATUS={self.status()}")
+            self._status = ""
+            return True
+
+    async def _reload(self) -> dict[str, Any]:
+        new = cfg.load(self.config_path) if self.config_path else cfg.load_default()
+        old_file, new_file = self.config.by_fid(), new.by_fid()
+        stop: set[int] = set()
+        start: list[cfg.FunctionConfig] = []
+        for fid, fc in old_file.items():
+            if fid not in new_file and fid in self.functions and self.functions[fid].origin == "file":
+                stop.add(fid)
+        for fid, fc in new_file.items():
+            if old_file.get(fid) == fc:
+                continue  # untouched: an attached VMM keeps its session
+            if fid in self.functions:
+                stop.add(fid)
+            start.append(fc)
+        keep = [m.config for fid, m in self.functions.items() if fid not in stop]
+        cfg.check_unique(keep + start, new.source)
+        self._check_daemon_change(new.daemon)
+        created = []
+        try:
+            for fc in start:
+                created.append((fc.create(), fc))
+        except cfg.ConfigError:
+            for function, _ in created:
+                function.close()
+            raise
+        timeout = new.daemon.release_timeout
+        for fid in sorted(stop):
+            await self._stop_function(self.functions[fid], timeout)
+        self.config = attrs.evolve(new, daemon=attrs.evolve(
+            new.daemon, runtime_dir=self.config.daemon.runtime_dir,
+            control_socket=self.config.daemon.control_socket,
+            metrics_listen=self.config.daemon.metrics_listen,
+            log_format=self.config.daemon.log_format, log_level=self.config.daemon.log_level,
+            admin_gid=self.config.daemon.admin_gid, control_mode=self.config.daemon.control_mode))
+        failed = []
+        for function, fc in created:
+            try:
+                await self._start(function, fc, "file")
+            except cfg.ConfigError as exc:
+                failed.append(fc.fid)
+                self.log.error("function_start_failed", error=str(exc), fid=fc.fid)
+        return {"stopped": sorted(stop), "started": [f.fid for f in start], "failed": failed}
+
+    def _check_daemon_change(self, new: cfg.DaemonConfig) -> None:
+        old = self.config.daemon
+        # Loggers bind their configuration when created, so log settings also wait for a restart.
+        for key, attr in (("runtime-dir", "runtime_dir"), ("control-socket", "control_socket"),
+                          ("metrics-listen", "metrics_listen"), ("log-format", "log_format"),
+                          ("log-level", "log_level"), ("admin-group", "admin_gid"),
+                          ("control-mode", "control_mode")):
+            if getattr(old, attr) != getattr(new, attr):
+                self.log.warning("restart_needed", key=key, running=getattr(old, attr),
+                                 configured=getattr(new, attr))
+        if new.runtime_dir != old.runtime_dir:
+            try:
+                runtime.ensure_dir(new.runtime_dir)
+            except (OSError, runtime.RuntimeDirError) as exc:
+                raise cfg.ConfigError(f"[daemon] runtime-dir: {exc}") from None
+
+    # ------------------------------------------------------------------ control commands
+    def _handlers(self):
+        return {
+            "list": self.cmd_list, "show": self.cmd_show, "mappings": self.cmd_mappings,
+            "add": self.cmd_add, "remove": self.cmd_remove, "set": self.cmd_set,
+            "reset": self.cmd_reset, "inject-error": self.cmd_inject_error,
+            "events": self.cmd_events, "stats": self.cmd_stats, "version": self.cmd_version,
+            "metrics": self.cmd_metrics, "reload": self.cmd_reload,
+        }
+
+    async def cmd_list(self, args):
+        return [m.summary() for _, m in sorted(self.functions.items())]
+
+    async def cmd_show(self, args):
+        m = self._get(args)
+        info = dict(m.function.describe())
+        info |= {"state": m.state, "attached": m.server.attached, "socket": m.config.socket,
+                 "origin": m.origin, "refused_clients": m.server.refused, "config": m.config.entry()}
+        return info
+
+    def _zpci_call(self, m: Managed, method: str, command: str):
+        fn = getattr(m.function, method, None)
+        if fn is None:
+            raise CommandError("not-supported", f"'{command}' is not supported by this function "
+                                                f"(fid {m.fid:#x}, type {m.config.type})")
+        return fn
+
+    async def cmd_mappings(self, args):
+        m = self._get(args)
+        return self._zpci_call(m, "zpci_mappings", "mappings")()
+
+    async def cmd_events(self, args):
+        m = self._get(args)
+        return self._zpci_call(m, "zpci_events", "events")(clear=bool(args.get("clear", False)))
+
+    async def cmd_inject_error(self, args):
+        m = self._get(args)
+        pec = args.get("pec", DEFAULT_INJECT_PEC)
+        if not isinstance(pec, int) or isinstance(pec, bool) or not 0 <= pec <= 0xFFFF:
+            raise CommandError("invalid", "pec must be an integer in [0, 0xffff]")
+        inject = self._zpci_call(m, "inject_error", "inject-error")
+        try:
+            result = inject(pec)
+        except ValueError as exc:
+            raise CommandError("invalid", str(exc)) from None
+        m.server.log.info("error_injected", pec=hex(pec))
+        return result
+
+    async def cmd_reset(self, args):
+        m = self._get(args)
+        await m.function.reset()
+        m.server.log.info("reset_by_control")
+        return {"fid": m.fid, "reset": True}
+
+    async def cmd_add(self, args):
+        entry = args.get("function")
+        if not isinstance(entry, dict):
+            raise CommandError("bad-request", "expected 'function': an object of configuration keys")
+        async with self._lock:
+            try:
+                fc = cfg.parse_function(entry, "add", self.config.daemon, where="function")
+                if fc.fid in self.functions:
+                    raise cfg.ConfigError(f"add: fid {fc.fid:#x} is already served")
+                cfg.check_unique([m.config for m in self.functions.values()] + [fc], "add")
+                m = await self._start(fc.create(), fc, "runtime")
+            except cfg.ConfigError as exc:
+                raise CommandError("invalid", str(exc)) from None
+        return m.summary()
+
+    async def cmd_remove(self, args):
+        timeout = args.get("timeout", self.config.daemon.release_timeout)
+        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not 0 <= timeout <= 3600:
+            raise CommandError("invalid", "timeout must be seconds in [0, 3600]")
+        async with self._lock:
+            m = self._get(args)
+            self.log.info("function_remove", fid=m.fid, attached=m.server.attached, timeout=timeout)
+            return await self._stop_function(m, timeout, force=bool(args.get("force", False)))
+
+    async def cmd_set(self, args):
+        props = args.get("properties")
+        if not isinstance(props, dict) or not props:
+            raise CommandError("bad-request", "expected 'properties': an object of KEY: VALUE")
+        async with self._lock:
+            m = self._get(args)
+            if m.server.attached:
+                raise CommandError("busy", f"fid {m.fid:#x} has a VMM attached; properties can "
+                                           "only change while it is detached")
+            setter = self._zpci_call(m, "set_property", "set")
+            fields = {}
+            for key, value in props.items():
+                field = cfg.ZPCI_KEYS.get(key)
+                if field is None or field == "fid":
+                    raise CommandError("invalid", f"key '{key}': not a property that can be set; "
+                                       f"settable: {', '.join(k for k in cfg.ZPCI_KEYS if k != 'fid')}")
+
+                def err(msg, key=key):
+                    raise CommandError("invalid", f"key '{key}': {msg}")
+                fields[field] = cfg._check_prop(field, value, err)
+            new = attrs.evolve(m.config, props=m.config.props | fields)
+            try:
+                cfg.check_unique([o.config for o in self.functions.values() if o is not m] + [new],
+                                 "set")
+            except cfg.ConfigError as exc:
+                raise CommandError("invalid", str(exc)) from None
+            for field, value in fields.items():
+                try:
+                    setter(field, value)
+                except RuntimeError as exc:  # attached meanwhile
+                    raise CommandError("busy", str(exc)) from None
+                except (ValueError, TypeError, KeyError) as exc:
+                    msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+                    raise CommandError("invalid", f"key '{field.replace('_', '-')}': {msg}") from None
+            m.config = new
+            m.server.log.info("properties_set", **{k: v for k, v in fields.items()})
+            return {"fid": m.fid, "set": {k.replace("_", "-"): v for k, v in fields.items()}}
+
+    async def cmd_stats(self, args):
+        totals: dict[str, int] = {}
+        errors: dict[str, int] = {}
+        for m in self.functions.values():
+            c = m.function.counters
+            for field in metrics.COUNTERS:
+                totals[field] = totals.get(field, 0) + getattr(c, field, 0)
+            for kind, n in c.errors.items():
+                errors[str(kind)] = errors.get(str(kind), 0) + n
+        return {"version": zpcid.__version__, "pid": os.getpid(),
+                "uptime_seconds": round(time.time() - self.started, 3),
+                "functions": len(self.functions),
+                "attached": sum(m.server.attached for m in self.functions.values()),
+                "control_requests": self.control.requests, "control_refused": self.control.refused,
+                "reloads": self.reloads, "reload_failures": self.reload_failures,
+                "counters": totals, "errors": errors}
+
+    async def cmd_version(self, args):
+        return {"version": zpcid.__version__, "python": sys.version.split()[0],
+                "trio": trio.__version__, "pid": os.getpid()}
+
+    async def cmd_metrics(self, args):
+        return {"text": metrics.render(self.registry)}
+
+    async def cmd_reload(self, args):
+        ok = await self.reload()
+        if not ok:
+            raise CommandError("invalid", "reload rejected; the old configuration keeps running (see the log)")
+        return {"reloaded": True, "functions": len(self.functions)}
+
+
+class _Status:
+    """Wraps a task_status so the daemon learns when a server is listening."""
+
+    def __init__(self, on_started):
+        self._on_started = on_started
+
+    def started(self, value=None):
+        self._on_started(value)
+
+
+def _unlink_socket(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.get("zpcid.service.daemon").warning("unlink_failed", path=path, error=str(exc))
+
+
+async def serve(config: cfg.Config, config_path: str | None) -> None:
+    await Daemon(config, config_path).run()
