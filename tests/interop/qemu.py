@@ -450,22 +450,39 @@ def run_guest(
     appended to the command line (e.g. ``-device ...``), ``append`` to the
     kernel command line. QEMU is killed after ``timeout`` seconds.
     """
-    ga = qemu[arch]
     with tempfile.TemporaryDirectory(prefix="zpcid-guest-") as tmp:
-        if initrd is None:
-            initrd = Path(tmp) / "initrd.gz"
-            build_initramfs(
-                initrd, ga.busybox, init_script, ga.modules_dir, modules, extra_files
-            )
-        cmdline = f"console={_CONSOLE[arch]} panic=-1 rdinit=/init"
-        if quiet:
-            cmdline += " quiet"
-        if append:
-            cmdline += " " + append
-        cmd = [str(ga.qemu), *base_args(arch, memory_mb, shared_memory),
-               "-kernel", str(ga.kernel), "-initrd", str(initrd),
-               "-append", cmdline, *qemu_args]  # fmt: skip
+        cmd = guest_command(qemu, arch, init_script, tmp, qemu_args, append, modules, memory_mb,
+                            shared_memory, quiet, initrd, extra_files)
         return run_command(cmd, timeout)
+
+
+def guest_command(
+    qemu: QemuInstall,
+    arch: str,
+    init_script: str,
+    tmp: str | os.PathLike[str],
+    qemu_args: Sequence[str] = (),
+    append: str = "",
+    modules: Sequence[str] = (),
+    memory_mb: int = 512,
+    shared_memory: bool = True,
+    quiet: bool = True,
+    initrd: str | os.PathLike[str] | None = None,
+    extra_files: dict[str, bytes] | None = None,
+) -> list[str]:
+    """The QEMU command line :func:`run_guest` runs (the initramfs is built in ``tmp``)."""
+    ga = qemu[arch]
+    if initrd is None:
+        initrd = Path(tmp) / "initrd.gz"
+        build_initramfs(initrd, ga.busybox, init_script, ga.modules_dir, modules, extra_files)
+    cmdline = f"console={_CONSOLE[arch]} panic=-1 rdinit=/init"
+    if quiet:
+        cmdline += " quiet"
+    if append:
+        cmdline += " " + append
+    return [str(ga.qemu), *base_args(arch, memory_mb, shared_memory),
+            "-kernel", str(ga.kernel), "-initrd", str(initrd),
+            "-append", cmdline, *qemu_args]  # fmt: skip
 
 
 def guest_script_for(
