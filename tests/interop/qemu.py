@@ -24,7 +24,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 DEFAULT_ROOT = "/var/cache/zpcid/sid"
 ENV_NAME = "zpcid-qemu.env"
@@ -427,33 +427,16 @@ def base_args(arch: str, memory_mb: int = 512, shared_memory: bool = True) -> li
     return args
 
 
-def run_guest(
-    qemu: QemuInstall,
-    arch: str,
-    init_script: str,
-    qemu_args: Sequence[str] = (),
-    append: str = "",
-    timeout: float = 120.0,
-    modules: Sequence[str] = (),
-    memory_mb: int = 512,
-    shared_memory: bool = True,
-    quiet: bool = True,
-    initrd: str | os.PathLike[str] | None = None,
-    extra_files: dict[str, bytes] | None = None,
-) -> GuestResult:
+def run_guest(qemu: QemuInstall, arch: str, init_script: str, *, timeout: float = 120.0,
+              **options: Any) -> GuestResult:
     """Boot ``arch`` ('x86_64' or 's390x') with an initramfs holding
     ``init_script`` (see :func:`guest_script`) and capture the console.
 
-    ``modules`` are put into the initramfs with their dependencies; the init
-    script is responsible for loading them — pass ``modules`` and build the
-    script with :func:`guest_script_for` to do both. ``qemu_args`` are
-    appended to the command line (e.g. ``-device ...``), ``append`` to the
-    kernel command line. QEMU is killed after ``timeout`` seconds.
+    ``options`` are :func:`guest_command`'s. QEMU is killed after ``timeout``
+    seconds.
     """
     with tempfile.TemporaryDirectory(prefix="zpcid-guest-") as tmp:
-        cmd = guest_command(qemu, arch, init_script, tmp, qemu_args, append, modules, memory_mb,
-                            shared_memory, quiet, initrd, extra_files)
-        return run_command(cmd, timeout)
+        return run_command(guest_command(qemu, arch, init_script, tmp, **options), timeout)
 
 
 def guest_command(
@@ -470,7 +453,14 @@ def guest_command(
     initrd: str | os.PathLike[str] | None = None,
     extra_files: dict[str, bytes] | None = None,
 ) -> list[str]:
-    """The QEMU command line :func:`run_guest` runs (the initramfs is built in ``tmp``)."""
+    """The QEMU command line for a guest (the initramfs is built in ``tmp``).
+
+    ``modules`` are put into the initramfs with their dependencies; the init
+    script is responsible for loading them — pass ``modules`` and build the
+    script with :func:`guest_script_for` to do both. ``qemu_args`` are
+    appended to the command line (e.g. ``-device ...``), ``append`` to the
+    kernel command line.
+    """
     ga = qemu[arch]
     if initrd is None:
         initrd = Path(tmp) / "initrd.gz"
