@@ -91,9 +91,17 @@ class Snapshot:
         raise SnapshotVersionError(
             f"{cls.KIND} snapshot version {version} cannot be restored (this code has {cls.VERSION})")
 
-    def fds(self) -> list[int]:
+    def all_fds(self) -> list[int]:
         """The distinct fds this snapshot (and the ones nested in it) needs, in order."""
         return _unique(_walk_fds(self))
+
+    def close_fds(self) -> None:
+        """Close every fd in this snapshot (a restore that copied what it needed)."""
+        for fd in self.all_fds():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
     def check(self, fds: list[int] | tuple[int, ...] = (), needed: int = 0) -> None:
         """Refuse a snapshot of another version, or one restored without its fds."""
@@ -105,9 +113,9 @@ class Snapshot:
         """Plain nested dicts (for showing a snapshot; ``encode`` is for moving one)."""
         return attrs.asdict(self, recurse=True)
 
-    def check_version(self) -> None:
-        """Raise unless this snapshot is of the current version (for ``restore``)."""
-        if self.version != self.VERSION:
+    def check_version(self, *known: int) -> None:
+        """Raise unless this snapshot is of the current version (or one of ``known``)."""
+        if self.version not in (known or (self.VERSION,)):
             raise SnapshotVersionError(f"{type(self).__name__} version {self.version} "
                                        f"(this build restores version {self.VERSION})")
 

@@ -435,14 +435,14 @@ async def test_metrics_from_control_and_listener(daemons):
         while chunk := s.recv(65536):
             data += chunk
     head, _, body = data.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.0 200 OK")
+    assert head.startswith(b"HTTP/1.1 200 OK")
     m = metrics(body.decode())
     assert m[("zpcid_attaches_total", (("fid", "0x1"),))] == 1
     assert m[("zpcid_attached_clients", (("fid", "0x1"),))] == 0
     with socket.socket(socket.AF_UNIX) as s:
         s.connect(os.path.join(d.rdir, "metrics.sock"))
         s.sendall(b"GET /nope HTTP/1.0\r\n\r\n")
-        assert s.recv(100).startswith(b"HTTP/1.0 404")
+        assert s.recv(100).startswith(b"HTTP/1.1 404")
     assert d.stop() == 0
 
 

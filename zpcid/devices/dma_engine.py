@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import struct
 
+import attrs
 import trio
 
-from zpcid.devices.crc32c import crc32c
+from crc32c import crc32c
 from zpcid.devices import register
 from zpcid.vfio_user.dma import DmaFault
 from zpcid.pci.function import PciFunction
+from zpcid.snapshot import Snapshot, expect, require
 from zpcid.vfio_user.regions import WindowedRegion
 
 DEFAULT_VENDOR = 0x1014  # test IDs, see docs/devices/dma-engine.md
@@ -73,6 +75,18 @@ class DmaEngine(PciFunction):
             self.regs[:] = bytes(REGS_SIZE)
             struct.pack_into("<II", self.regs, REG_ID, ID_VALUE, 1)
             struct.pack_into("<I", self.regs, REG_MAX_LEN, self.max_transfer)
+
+    def device_snapshot(self) -> "DmaEngineSnapshot":
+        """The registers (ring head/tail included; the ring itself is guest memory).
+
+        Taken quiesced, so no operation is half done.
+        """
+        return DmaEngineSnapshot(regs=bytes(self.regs))
+
+    def device_restore(self, snap) -> None:
+        expect(snap, DmaEngineSnapshot)
+        require(len(snap.regs) == REGS_SIZE, "dma-engine register block has another size")
+        self.regs[:] = snap.regs
 
     def _get(self, fmt: str, off: int) -> int:
         return struct.unpack_from(fmt, self.regs, off)[0]
@@ -211,6 +225,12 @@ class DmaEngine(PciFunction):
         self._status(error)
         if irq or error:
             self._interrupt()
+
+
+@attrs.frozen
+class DmaEngineSnapshot(Snapshot):
+    KIND = "devices.dma_engine"
+    regs: bytes
 
 
 @register("dma-engine")

@@ -19,9 +19,12 @@ from __future__ import annotations
 
 import struct
 
+import attrs
+
 from zpcid.devices import register
 from zpcid.vfio_user.dma import DmaFault
 from zpcid.pci.function import PciFunction
+from zpcid.snapshot import Snapshot, expect, require
 from zpcid.vfio_user.regions import MemfdRegion, WindowedRegion
 
 MAGIC = 0x7A706369
@@ -60,6 +63,16 @@ class MemoryFunction(PciFunction):
             struct.pack_into("<II", self.regs, REG_MAGIC, MAGIC, 1)
             struct.pack_into("<Q", self.regs, REG_RAM_SIZE, self.ram.size)
 
+    def device_snapshot(self) -> "MemoryRegsSnapshot":
+        """The register block (the RAM BAR is a memfd, captured with the BARs)."""
+        return MemoryRegsSnapshot(regs=bytes(self.regs), rings=self.rings)
+
+    def device_restore(self, snap) -> None:
+        expect(snap, MemoryRegsSnapshot)
+        require(len(snap.regs) == len(self.regs), "memory register block has another size")
+        self.regs[:] = snap.regs
+        self.rings = snap.rings
+
     async def _reg_read(self, offset: int, count: int) -> bytes:
         struct.pack_into("<I", self.regs, REG_RINGS, self.rings & 0xFFFFFFFF)
         if offset + count > len(self.regs):
@@ -92,15 +105,22 @@ class MemoryFunction(PciFunction):
         try:
             # Through dma_path, so a zPCI IOMMU in front of the client's map applies.
             if cmd == DMA_CMD_TO_HOST:
-                await self.dma_path.write(addr, self.ram.mm[:length])
+                await self.dma_path.write(addr, await self.ram.read(0, length))
             elif cmd == DMA_CMD_FROM_HOST:
-                self.ram.mm[:length] = await self.dma_path.read(addr, length)
+                await self.ram.write(0, await self.dma_path.read(addr, length))
             else:
                 status = 1
         except DmaFault as exc:
             self.log.warning("dma_fault", error=str(exc))
             status = 1
         struct.pack_into("<I", self.regs, REG_DMA_STATUS, status)
+
+
+@attrs.frozen
+class MemoryRegsSnapshot(Snapshot):
+    KIND = "devices.memory"
+    regs: bytes
+    rings: int
 
 
 @register("memory")

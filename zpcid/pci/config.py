@@ -7,6 +7,7 @@ from typing import Callable
 
 import attrs
 
+from zpcid.snapshot import Snapshot, expect, require
 from zpcid.vfio_user.regions import Region, RegionError
 
 CONFIG_SIZE = 4096
@@ -209,6 +210,32 @@ class ConfigSpace:
                 d[o] = (d[o] & ~m) | (b & m)
         for hook in self.write_hooks:
             hook(offset, count)
+
+
+    # --------------------------------------------------------------- snapshot
+    def snapshot(self) -> "ConfigSnapshot":
+        """The guest-visible bytes and the BAR registers behind them."""
+        return ConfigSnapshot(data=bytes(self.data), bar_regs=tuple(self._bar_regs))
+
+    def restore(self, snap: "ConfigSnapshot") -> None:
+        """Take the snapshot's bytes as they are (IDs and capabilities included: the
+        guest has read them, so a newer build must not change them under it)."""
+        expect(snap, ConfigSnapshot)
+        require(len(snap.data) == CONFIG_SIZE and len(snap.bar_regs) == 6,
+                "config space snapshot has the wrong size")
+        for reg, v in enumerate(snap.bar_regs):
+            bar = self.bars.get(reg)
+            require(bar is None or v & 0xF == bar.type_bits,
+                    f"BAR{reg} of the snapshot has another type than this function's")
+        self.data[:] = snap.data
+        self._bar_regs = list(snap.bar_regs)
+
+
+@attrs.frozen
+class ConfigSnapshot(Snapshot):
+    KIND = "pci.config"
+    data: bytes
+    bar_regs: tuple
 
 
 class ConfigRegion(Region):

@@ -11,6 +11,7 @@ import trio
 from protocol.vfio_user import consts as C
 from protocol.vfio_user.messages import IrqSet
 from zpcid import log
+from zpcid.snapshot import Snapshot, SnapshotError, expect, require
 from zpcid.vfio_user.device import RegionDesc, Session
 from zpcid.vfio_user.dma import DmaSpace
 from zpcid.vfio_user.irq import IrqTable
@@ -111,10 +112,12 @@ class PciFunction:
             self.counters.errors["device_task"] += 1
 
     # ------------------------------------------------------------------ lifecycle
-    def attach(self, session: Session) -> None:
+    def attach(self, session: Session, *, resumed: bool = False) -> None:
+        """A client is attached (``resumed``: the same client, carried over a restart)."""
         self.session = session
         self.dma.message_io = session
-        self.counters.attaches += 1
+        if not resumed:
+            self.counters.attaches += 1
 
     def detach(self) -> None:
         """The client left: drop its DMA maps and eventfds, reset the function."""
@@ -236,10 +239,91 @@ class PciFunction:
         key = key.replace("-", "_")
         if key not in self.SETTABLE:
             raise KeyError(f"property {key!r} cannot be set at run time (settable: {', '.join(self.SETTABLE)})")
-        self.props = attrs.evolve(self.props, **{key: value})
-        self.zpci.props = self.props
-        self.zpci.shadow.limit = self.props.dma_limit
+        self._apply_props(attrs.evolve(self.props, **{key: value}))
         self.zpci.reset_all()
+
+    def _apply_props(self, props: ZpciProperties) -> None:
+        self.props = props
+        self.zpci.props = props
+        self.zpci.shadow.limit = props.dma_limit
+
+    # ------------------------------------------------------------------ snapshot
+    def device_snapshot(self) -> Snapshot | None:
+        """The device type's own state (registers, queues); None if it has none."""
+        return None
+
+    def device_restore(self, snap: Snapshot | None) -> None:
+        require(snap is None, f"{self.type_name} keeps no device state, the snapshot has some")
+
+    def snapshot(self) -> "FunctionSnapshot":
+        """Everything needed to rebuild this function, attached client included,
+        in a fresh process built from the same configuration.
+
+        Taken at a message boundary with no device work running (quiesced).
+        """
+        zpci_snap = getattr(self.zpci, "snapshot", None)
+        return FunctionSnapshot(
+            type_name=self.type_name,
+            name=self.name,
+            props=attrs.asdict(self.props),
+            config=self.config.snapshot(),
+            msix=self.msix.snapshot() if self.msix is not None else None,
+            irqs=self.irqs.snapshot(),
+            dma=self.dma.snapshot(),
+            bars={i: b.region.snapshot() for i, b in sorted(self.config.bars.items())
+                  if hasattr(b.region, "snapshot")},
+            zpci=zpci_snap() if zpci_snap is not None else None,
+            device=self.device_snapshot(),
+            counters=attrs.asdict(self.counters, filter=lambda a, v: a.name != "errors"),
+            errors=dict(self.counters.errors),
+        )
+
+    def restore(self, snap: "FunctionSnapshot") -> None:
+        """Become the function ``snap`` was taken of (this one is fresh: no client).
+
+        Takes ownership of every fd in ``snap``; on failure they are closed and
+        this function is left detached and reset.
+        """
+        try:
+            expect(snap, FunctionSnapshot)
+            require(snap.type_name == self.type_name,
+                    f"snapshot of a {snap.type_name} function, this is a {self.type_name}")
+            require(self.session is None and len(self.dma) == 0, "function to restore into is in use")
+            require(sorted(snap.bars) == sorted(i for i, b in self.config.bars.items()
+                                                 if hasattr(b.region, "snapshot")),
+                    f"snapshot BARs {sorted(snap.bars)} differ from this function's")
+            require((snap.msix is None) == (self.msix is None), "MSI-X presence differs")
+            zpci_restore = getattr(self.zpci, "restore", None)
+            require(snap.zpci is None or zpci_restore is not None, "this build cannot restore zPCI state")
+            try:
+                props = attrs.evolve(self.props, **snap.props)
+            except (TypeError, ValueError) as exc:
+                raise SnapshotError(f"zPCI properties of the snapshot: {exc}") from None
+        except BaseException:
+            snap.close_fds()
+            raise
+        self._apply_props(props)
+        steps = [(snap.config, self.config.restore)]
+        if self.msix is not None:
+            steps.append((snap.msix, self.msix.restore))
+        steps += [(region_snap, self.config.bars[i].region.restore) for i, region_snap in snap.bars.items()]
+        steps += [(snap.irqs, self.irqs.restore), (snap.dma, self.dma.restore)]
+        if snap.zpci is not None:
+            steps.append((snap.zpci, zpci_restore))
+        steps.append((snap.device, self.device_restore))
+        done = 0
+        try:
+            for layer, restore in steps:
+                done += 1  # a layer's restore takes its fds, also when it fails
+                restore(layer)
+        except BaseException:
+            for layer, _ in steps[done:]:
+                if layer is not None:
+                    layer.close_fds()
+            self.detach()  # releases what the restored layers took
+            raise
+        counters = {k: v for k, v in snap.counters.items() if k in attrs.fields_dict(FunctionCounters)}
+        self.counters = FunctionCounters(**counters, errors=collections.Counter(snap.errors))
 
     def close(self) -> None:
         """Release the function's own resources (the daemon is done with it)."""
@@ -248,3 +332,22 @@ class PciFunction:
             close = getattr(region, "close", None)
             if close:
                 close()
+
+
+@attrs.frozen
+class FunctionSnapshot(Snapshot):
+    """One function: PCI layers, client DMA maps and eventfds, BAR memory, zPCI and device state."""
+
+    KIND = "pci.function"
+    type_name: str
+    name: str
+    props: dict
+    config: Snapshot
+    msix: Snapshot | None
+    irqs: Snapshot
+    dma: Snapshot
+    bars: dict
+    zpci: Snapshot | None
+    device: Snapshot | None
+    counters: dict
+    errors: dict

@@ -5,7 +5,10 @@ from __future__ import annotations
 import struct
 from typing import Callable
 
+import attrs
+
 from protocol.vfio_user import consts as C
+from zpcid.snapshot import Snapshot, expect, require
 from zpcid.vfio_user.irq import IrqTable
 from zpcid.pci.config import PCI_CAP_ID_MSIX, PCI_MSIX_FLAGS_ENABLE, PCI_MSIX_FLAGS_MASKALL, ConfigSpace
 
@@ -141,3 +144,31 @@ class Msix:
 
     async def pba_write(self, offset: int, data: bytes) -> None:
         pass  # the PBA is read-only
+
+    # ------------------------------------------------------------------ snapshot
+    def snapshot(self) -> "MsixSnapshot":
+        """Table, pending bits and whether the client uses the table (enable and
+        function mask live in config space)."""
+        return MsixSnapshot(nvec=self.nvec, table=bytes(self.table), pending=bytes(self.pending),
+                            table_in_use=self.table_in_use, delivered=self.delivered)
+
+    def restore(self, snap: "MsixSnapshot") -> None:
+        """Take the state as it was; nothing is delivered (pending stays pending)."""
+        expect(snap, MsixSnapshot)
+        require(snap.nvec == self.nvec, f"MSI-X snapshot has {snap.nvec} vectors, function has {self.nvec}")
+        require(len(snap.table) == self.table_size and len(snap.pending) == self.pba_size,
+                "MSI-X snapshot table or PBA has the wrong size")
+        self.table[:] = snap.table
+        self.pending[:] = snap.pending
+        self.table_in_use = snap.table_in_use
+        self.delivered = snap.delivered
+
+
+@attrs.frozen
+class MsixSnapshot(Snapshot):
+    KIND = "pci.msix"
+    nvec: int
+    table: bytes
+    pending: bytes
+    table_in_use: bool
+    delivered: int

@@ -69,15 +69,12 @@ class ControlServer:
         self._slots = trio.Semaphore(MAX_CONNECTIONS)
 
     async def serve(self, listener: trio.socket.SocketType) -> None:
-        async with trio.open_nursery() as nursery:
-            while True:
-                conn, _ = await listener.accept()
-                nursery.start_soon(self._connection, conn)
+        await trio.serve_listeners(self._connection, [trio.SocketListener(listener)])
 
-    async def _connection(self, conn: trio.socket.SocketType) -> None:
-        with conn:
+    async def _connection(self, conn: trio.SocketStream) -> None:
+        async with conn:
             try:
-                pid, uid, gid = peer_credentials(conn)
+                pid, uid, gid = peer_credentials(conn.socket)
             except OSError:
                 return
             if not peer_allowed(uid, gid, self.admin_gid()):
@@ -108,8 +105,8 @@ class ControlServer:
                         "code": "bad-request", "message": f"request longer than {MAX_LINE} bytes"}})
                     return
                 try:
-                    chunk = await conn.recv(65536)
-                except OSError:
+                    chunk = await conn.receive_some(65536)
+                except trio.BrokenResourceError:
                     return
                 if not chunk:
                     return
@@ -151,12 +148,9 @@ class ControlServer:
             return out | {"ok": False, "error": {"code": "internal", "message": f"{type(exc).__name__}: {exc}"}}
         return out | {"ok": True, "result": result}
 
-    async def _send(self, conn, obj) -> bool:
-        data = memoryview(encode(obj))
+    async def _send(self, conn: trio.SocketStream, obj) -> bool:
         try:
-            while data:
-                n = await conn.send(data)
-                data = data[n:]
-        except OSError:
+            await conn.send_all(encode(obj))
+        except trio.BrokenResourceError:
             return False
         return True

@@ -6,11 +6,13 @@ labelled by ``fid`` only (errors additionally by ``kind``).
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Callable, Iterable
 
+import h11
 import trio
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, generate_latest, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.process_collector import ProcessCollector
 
@@ -91,49 +93,70 @@ def render(registry: CollectorRegistry) -> str:
 # ---------------------------------------------------------------------- listener
 MAX_REQUEST = 8192
 REQUEST_TIMEOUT = 5.0
+PATHS = ("/", "/metrics")
 
 
 async def serve_http(listener: trio.socket.SocketType, registry: CollectorRegistry) -> None:
-    """A minimal HTTP/1.0 responder for ``GET /metrics`` (no threads, unlike the stock server)."""
-    async with trio.open_nursery() as nursery:
-        while True:
-            conn, _ = await listener.accept()
-            nursery.start_soon(_answer, conn, registry)
+    """Serve ``GET /metrics`` on ``listener`` in the event loop (the stock server
+    runs a thread, which would read the counters while trio changes them).
+
+    h11 parses HTTP; prometheus_client's WSGI app does the exposition (content
+    negotiation, OpenMetrics, gzip, ``name[]`` filters).
+    """
+    app = make_wsgi_app(registry)
+    await trio.serve_listeners(functools.partial(_answer, app=app), [trio.SocketListener(listener)])
 
 
-async def _answer(conn: trio.socket.SocketType, registry: CollectorRegistry) -> None:
-    with conn:
-        data = b""
+async def _answer(stream: trio.SocketStream, app) -> None:
+    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST)
+    async with stream:
         with trio.move_on_after(REQUEST_TIMEOUT):
-            while b"\r\n\r\n" not in data and b"\n\n" not in data and len(data) < MAX_REQUEST:
-                try:
-                    chunk = await conn.recv(4096)
-                except OSError:
-                    return
-                if not chunk:
-                    break
-                data += chunk
-        parts = data.split(b"\r\n", 1)[0].split()
-        if len(parts) < 2:
-            status, body, ctype = "400 Bad Request", b"bad request\n", "text/plain"
-        elif parts[0] not in (b"GET", b"HEAD"):
-            status, body, ctype = "405 Method Not Allowed", b"only GET\n", "text/plain"
-        elif parts[1].split(b"?")[0] not in (b"/", b"/metrics"):
-            status, body, ctype = "404 Not Found", b"try /metrics\n", "text/plain"
-        else:
-            status, body, ctype = "200 OK", generate_latest(registry), CONTENT_TYPE_LATEST
-        head = (f"HTTP/1.0 {status}\r\nContent-Type: {ctype}\r\n"
-                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
-        if parts and parts[0] == b"HEAD":
-            body = b""
-        try:
-            await _send_all(conn, head + body)
-        except OSError:
-            pass
+            try:
+                request = await _request(stream, conn)
+            except h11.RemoteProtocolError as exc:
+                status, headers, body = exc.error_status_hint, [("Content-Type", "text/plain")], b"bad request\n"
+                request = None
+            except (OSError, trio.BrokenResourceError):
+                return
+            if request is None and conn.their_state is not h11.ERROR:
+                return  # the client hung up before a whole request
+            if request is not None:
+                status, headers, body = _respond(app, request)
+            headers = [*headers, ("Content-Length", str(len(body))), ("Connection", "close")]
+            reason = _REASONS.get(status, b"")
+            try:
+                await stream.send_all(conn.send(h11.Response(status_code=status, headers=headers, reason=reason)))
+                if request is not None and request.method != b"HEAD":
+                    await stream.send_all(conn.send(h11.Data(data=body)))
+                await stream.send_all(conn.send(h11.EndOfMessage()))
+            except (OSError, trio.BrokenResourceError, h11.LocalProtocolError):
+                pass
 
 
-async def _send_all(conn, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        n = await conn.send(view)
-        view = view[n:]
+async def _request(stream: trio.SocketStream, conn: h11.Connection) -> h11.Request | None:
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            conn.receive_data(await stream.receive_some(4096))
+        elif isinstance(event, h11.Request):
+            return event
+        else:  # ConnectionClosed
+            return None
+
+
+_REASONS = {200: b"OK", 400: b"Bad Request", 404: b"Not Found", 405: b"Method Not Allowed",
+            431: b"Request Header Fields Too Large"}
+
+
+def _respond(app, request: h11.Request) -> tuple[int, list[tuple[str, str]], bytes]:
+    path, _, query = request.target.decode("latin-1").partition("?")
+    if path not in PATHS:
+        return 404, [("Content-Type", "text/plain")], b"try /metrics\n"
+    environ = {"REQUEST_METHOD": "GET" if request.method == b"HEAD" else request.method.decode("latin-1"),
+               "PATH_INFO": path, "QUERY_STRING": query}
+    for name, value in request.headers:
+        environ["HTTP_" + name.decode("latin-1").upper().replace("-", "_")] = value.decode("latin-1")
+    started: list = []
+    body = b"".join(app(environ, lambda status, headers: started.extend((status, headers))))
+    status, headers = started
+    return int(status.split()[0]), list(headers), body

@@ -19,7 +19,7 @@ from protocol.zpci import formats as Z
 from zpcid.vmm import client as vclient
 from zpcid import log
 from zpcid.zpci import core as Zr
-from zpcid.devices.crc32c import crc32c
+from crc32c import crc32c
 from zpcid.devices import dma_engine as D
 from zpcid.zpci.properties import ZpciProperties
 from zpcid.vfio_user.server import FunctionServer

@@ -26,17 +26,21 @@ def _tmpfs_dir() -> str:
     return "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
 
 
+def _pread_iops(fd: int, size: int, duration: float, rng: random.Random) -> float:
+    """A plain loop of 4 KiB ``os.pread`` calls at random aligned offsets."""
+    blocks = size // (4 * KiB)
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < duration:
+        for _ in range(256):
+            os.pread(fd, 4 * KiB, rng.randrange(blocks) * 4 * KiB)
+        n += 256
+    return n / (time.perf_counter() - start)
+
+
 def _baseline(path: str, size: int, duration: float) -> dict:
     fd = os.open(path, os.O_RDONLY)
     try:
-        rng = random.Random(1)
-        blocks = size // (4 * KiB)
-        n, start = 0, time.perf_counter()
-        while time.perf_counter() - start < duration:
-            for _ in range(256):
-                os.pread(fd, 4 * KiB, rng.randrange(blocks) * 4 * KiB)
-            n += 256
-        iops = n / (time.perf_counter() - start)
+        iops = _pread_iops(fd, size, duration, random.Random(1))
         nbytes, start, off = 0, time.perf_counter(), 0
         while time.perf_counter() - start < duration:
             os.pread(fd, MiB, off)
@@ -106,6 +110,68 @@ async def run_virtio_bench(*, size: int = 256 * MiB, duration: float = 2.0, dept
     b, v = result["baseline"], result["virtio"]
     result["ratio"] = {k: round(v[k] / b[k], 3) for k in b if b[k]}
     return result
+
+
+async def run_randread_pairs(*, runs: int = 5, duration: float = 2.0, size: int = 64 * MiB,
+                             depth: int = 32, directory: str | None = None, **options) -> dict:
+    """4 KiB random-read IOPS, reference client through zpcid vs a plain pread loop on
+    the same file, alternated (pread, zpcid, pread, zpcid, ...) in one process."""
+    workdir = tempfile.mkdtemp(prefix="zpcid-vbench-", dir=directory or _tmpfs_dir())
+    sockdir = tempfile.mkdtemp(prefix="zpcid-vb")
+    path = os.path.join(workdir, "disk.img")
+    out: dict = {"depth": depth, "size": size, "where": _fs_type(workdir), "options": options,
+                 "baseline": [], "virtio": []}
+    try:
+        with open(path, "wb") as f:
+            for _ in range(size // MiB):
+                f.write(os.urandom(MiB))
+        fn = VirtioBlkFunction("bench", path=path, queue_size=max(64, depth * 2), **options)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            async with trio.open_nursery() as nursery:
+                server = await nursery.start(FunctionServer(fn, os.path.join(sockdir, "vb.sock")).serve)
+                async with zclient.connect(server.path) as c:
+                    mem = GuestMemory(64 * MiB)
+                    try:
+                        async with open_blk(c, mem) as drv:
+                            rng = random.Random(2)
+                            blocks = size // (4 * KiB)
+
+                            async def randread(i: int) -> None:
+                                await drv.read(0, rng.randrange(blocks) * 8, 4 * KiB)
+
+                            await _timed(min(duration, 0.3), depth, randread)  # warm-up
+                            for _ in range(runs):
+                                out["baseline"].append(_pread_iops(fd, size, duration, rng))
+                                n, dt = await _timed(duration, depth, randread)
+                                out["virtio"].append(n / dt)
+                            out["notifications"] = sum(q.notifications for q in drv.queues)
+                            out["interrupts"] = sum(q.interrupts for q in drv.queues)
+                    finally:
+                        mem.close()
+                nursery.cancel_scope.cancel()
+        finally:
+            os.close(fd)
+            fn.close()
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+        shutil.rmtree(sockdir, ignore_errors=True)
+    return out
+
+
+def _fs_type(path: str) -> str:
+    """The filesystem type holding ``path`` (from /proc/mounts; longest matching mount point)."""
+    best, kind = "", "?"
+    real = os.path.realpath(path)
+    try:
+        with open("/proc/mounts") as f:
+            for line in f:
+                _, mnt, fstype, *_ = line.split()
+                if (real == mnt or real.startswith(mnt.rstrip("/") + "/")) and len(mnt) > len(best):
+                    best, kind = mnt, fstype
+    except OSError:
+        pass
+    return kind
 
 
 async def _measure(drv, size: int, duration: float, depth: int, num_queues: int) -> dict:

@@ -1,8 +1,10 @@
 """The DMA address space a client shares with a function (DMA_MAP / DMA_UNMAP).
 
-Ranges mapped with a file descriptor are mmapped (one mapping per file, however
-many DMA_MAPs reference it); ranges without one are reached through
-DMA_READ/DMA_WRITE messages to the client.  Lookups bisect a sorted list, so
+Ranges mapped with a file descriptor that cannot shrink (F_SEAL_SHRINK) are
+mmapped (one mapping per file, however many DMA_MAPs reference it); other
+descriptors are reached with pread/pwrite, so a client that truncates its file
+causes a DMA fault instead of a SIGBUS (docs/reliability.md).  Ranges without
+a descriptor are reached through DMA_READ/DMA_WRITE messages to the client.  Lookups bisect a sorted list, so
 they stay O(log n) with tens of thousands of maps.
 """
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 import bisect
 import ctypes
 import errno
+import fcntl
 import mmap
 import os
 import stat
@@ -19,8 +22,13 @@ from typing import Awaitable, Callable, Protocol
 import attrs
 
 from zpcid import log
+from zpcid.snapshot import Fd, Snapshot, SnapshotError, expect, require
+from zpcid.vfio_user.memfd import cannot_shrink
 
 PAGE = 4096
+# Largest read-only view copied out of a file reached by pread (table walks
+# split larger spans themselves).
+MAX_COPIED_VIEW = 1 << 20
 _log = log.get("zpcid.vfio_user.dma")
 
 
@@ -52,19 +60,56 @@ class MessageIO(Protocol):
 
 @attrs.define(eq=False)
 class FileMap:
-    """One mmap of a file shared by every DMA region that references it."""
+    """One file shared by every DMA region that references it: an mmap of it when
+    it cannot shrink, else (``mm`` None) our own descriptor for pread/pwrite."""
 
     key: tuple
-    mm: mmap.mmap
+    mm: mmap.mmap | None
     start: int  # file offset mapped at mm[0]
     length: int
     writable: bool
+    fd: int = -1  # our own duplicate: what a snapshot hands to the next process, and pread/pwrite use
     refs: int = 0
     _addr: int | None = None
 
+    def pread(self, offset: int, n: int, addr: int) -> bytes:
+        """``n`` bytes at file ``offset``; a short read (file truncated) is a DMA fault."""
+        try:
+            data = os.pread(self.fd, n, offset)
+        except OSError as exc:
+            raise DmaFault(addr, n, False, f"read from client file failed: {exc}") from None
+        if len(data) != n:
+            raise DmaFault(addr, n, False, "client file shorter than its DMA mapping")
+        return data
+
+    def pwrite(self, offset: int, data, addr: int) -> None:
+        n = len(data)
+        try:
+            # Never write past the end: that would grow a file the client shrank.
+            if offset + n > os.fstat(self.fd).st_size:
+                raise DmaFault(addr, n, True, "client file shorter than its DMA mapping")
+            done = os.pwrite(self.fd, data, offset)
+        except OSError as exc:
+            raise DmaFault(addr, n, True, f"write to client file failed: {exc}") from None
+        if done != n:
+            raise DmaFault(addr, n, True, "short write to client file")
+
+    def close(self) -> None:
+        try:
+            if self.mm is not None:
+                self.mm.close()
+        except BufferError:
+            # A device still holds a view; the mapping goes when the view does.
+            _log.warning("dma_mapping_busy", key=str(self.key[:2]))
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
     @property
-    def address(self) -> int:
-        """Process address of mm[0] (for atomic operations)."""
+    def address(self) -> int | None:
+        """Process address of mm[0] (for atomic operations); None without a mapping."""
+        if self.mm is None:
+            return None
         if self._addr is None:
             holder = ctypes.c_char.from_buffer(self.mm)
             self._addr = ctypes.addressof(holder)
@@ -133,6 +178,8 @@ class DmaSpace:
         r = self._check(self.find(addr), addr, length, write)
         if r.file is None:
             raise DmaFault(addr, length, write, "range has no shared memory (message mode)")
+        if r.file.mm is None and (write or length > MAX_COPIED_VIEW):
+            raise DmaFault(addr, length, write, "client file can shrink: no direct view")
         start = r.mm_offset + (addr - r.iova)
         end_addr = addr + length
         cur = r
@@ -141,6 +188,9 @@ class DmaSpace:
             if nxt.file is not r.file or nxt.offset != cur.offset + cur.size:
                 raise DmaFault(addr, length, write, "range crosses discontiguous mappings")
             cur = nxt
+        if r.file.mm is None:
+            # A snapshot: readers (table walks) only look at it.
+            return memoryview(r.file.pread(r.offset + (addr - r.iova), length, addr))
         return memoryview(r.file.mm)[start : start + length]
 
     def segments(self, addr: int, length: int, write: bool):
@@ -152,12 +202,26 @@ class DmaSpace:
             yield r, addr, n
             addr += n
 
+    def views(self, addr: int, length: int, write: bool) -> list[memoryview] | None:
+        """Memoryviews covering the range, one per mapping it crosses; None if a piece
+        is only reachable through DMA messages; DmaFault if a piece is not mapped."""
+        out = []
+        for r, a, n in self.segments(addr, length, write):
+            if r.file is None:
+                return None
+            off = r.mm_offset + (a - r.iova)
+            out.append(memoryview(r.file.mm)[off : off + n])
+        return out
+
     async def read(self, addr: int, length: int) -> bytes:
         if length == 0:
             return b""
         out = []
         for r, a, n in list(self.segments(addr, length, False)):
             if r.file is not None:
+                if r.file.mm is None:
+                    out.append(r.file.pread(r.offset + (a - r.iova), n, a))
+                    continue
                 off = r.mm_offset + (a - r.iova)
                 out.append(r.file.mm[off : off + n])
             else:
@@ -169,8 +233,11 @@ class DmaSpace:
         for r, a, n in list(self.segments(addr, len(data), True)):
             chunk = data[pos : pos + n]
             if r.file is not None:
-                off = r.mm_offset + (a - r.iova)
-                r.file.mm[off : off + n] = chunk
+                if r.file.mm is None:
+                    r.file.pwrite(r.offset + (a - r.iova), chunk, a)
+                else:
+                    off = r.mm_offset + (a - r.iova)
+                    r.file.mm[off : off + n] = chunk
             else:
                 await self._message_io(a, n, True).dma_write(a, bytes(chunk))
             pos += n
@@ -205,12 +272,27 @@ class DmaSpace:
             if fm is not None:
                 return fm
             start, length = offset, (size + PAGE - 1) & ~(PAGE - 1)
-        prot = mmap.PROT_READ | (mmap.PROT_WRITE if fd_writable else 0)
+        if not cannot_shrink(fd):
+            # Policy (docs/reliability.md): a file the client could truncate under
+            # us is never mapped; touching a page past its new end would be SIGBUS.
+            if not stat.S_ISREG(st.st_mode):
+                raise DmaError("DMA_MAP descriptor is neither a shrink-sealed memfd nor a "
+                               "regular file", errno.EINVAL)
+            mm = None
+        else:
+            prot = mmap.PROT_READ | (mmap.PROT_WRITE if fd_writable else 0)
+            try:
+                mm = mmap.mmap(fd, length, mmap.MAP_SHARED, prot, offset=start)
+            except (OSError, ValueError, OverflowError) as exc:
+                raise DmaError(f"cannot mmap DMA descriptor: {exc}",
+                               getattr(exc, "errno", None) or errno.EINVAL)
         try:
-            mm = mmap.mmap(fd, length, mmap.MAP_SHARED, prot, offset=start)
-        except (OSError, ValueError, OverflowError) as exc:
-            raise DmaError(f"cannot mmap DMA descriptor: {exc}", getattr(exc, "errno", None) or errno.EINVAL)
-        fm = FileMap(key, mm, start, length, fd_writable)
+            own = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 0)
+        except OSError as exc:
+            if mm is not None:
+                mm.close()
+            raise DmaError(f"cannot keep DMA descriptor: {exc}", exc.errno or errno.EMFILE)
+        fm = FileMap(key, mm, start, length, fd_writable, own)
         old = self._files.get(key)
         if old is not None:
             # Superseded by a larger mapping; the old one lives on while referenced.
@@ -296,32 +378,55 @@ class DmaSpace:
             fm.refs -= 1
             if fm.refs == 0:
                 self._files.pop(fm.key, None)
-                try:
-                    fm.mm.close()
-                except BufferError:
-                    # A device still holds a view; the mapping goes when the view does.
-                    _log.warning("dma_mapping_busy", key=str(fm.key[:2]))
+                fm.close()
 
     def close(self) -> None:
         self.clear()
         for fm in list(self._files.values()):
-            try:
-                fm.mm.close()
-            except BufferError:
-                pass
+            fm.close()
         self._files.clear()
 
     @property
     def file_count(self) -> int:
         return len(self._files)
 
+    # ------------------------------------------------------------------ snapshot
+    def snapshot(self) -> "DmaSnapshot":
+        """Every mapping, with the fd of the file it maps (borrowed)."""
+        return DmaSnapshot(maps=tuple(
+            (r.iova, r.size, r.readable, r.writable,
+             Fd(r.file.fd) if r.file is not None else None, r.offset)
+            for r in self._regions))
+
+    def restore(self, snap: "DmaSnapshot") -> None:
+        """Map what ``snap`` holds into this (empty) space; takes its fds."""
+        try:
+            expect(snap, DmaSnapshot)
+            require(not self._regions, "DMA space to restore into is not empty")
+            require(len(snap.maps) <= self.max_maps,
+                    f"{len(snap.maps)} DMA maps exceed the limit of {self.max_maps}")
+            for iova, size, readable, writable, fd, offset in snap.maps:
+                try:
+                    self.add(iova, size, readable, writable, fd, offset)
+                except DmaError as exc:
+                    self.clear()
+                    raise SnapshotError(f"DMA map {iova:#x}+{size:#x}: {exc}") from None
+        finally:
+            snap.close_fds()  # add() keeps its own duplicates
+
 
 def _accmode(fd: int) -> int:
-    import fcntl
-
     return fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
 
 
 def _same_file(fd: int, fm: FileMap) -> bool:
     st = os.fstat(fd)
     return (st.st_dev, st.st_ino) == fm.key[:2]
+
+
+@attrs.frozen
+class DmaSnapshot(Snapshot):
+    """The client's DMA maps: (iova, size, readable, writable, fd or None, file offset)."""
+
+    KIND = "vfio_user.dma"
+    maps: tuple = ()

@@ -6,8 +6,11 @@ import errno
 import os
 from typing import Callable, Sequence
 
+import attrs
+
 from protocol.vfio_user import consts as C
 from protocol.vfio_user.messages import IrqSet
+from zpcid.snapshot import Fd, Snapshot, expect, require
 from zpcid.vfio_user.transport import close_fds
 
 
@@ -18,7 +21,34 @@ class IrqError(Exception):
 
 
 def signal_eventfd(fd: int) -> None:
-    os.eventfd_write(fd, 1)
+    """Add 1 to an eventfd without ever blocking.
+
+    The descriptor is non-blocking (``check_eventfd``); a counter at its maximum
+    (EAGAIN) already says "interrupt pending", as the kernel's eventfd_signal()
+    treats it.
+    """
+    try:
+        os.eventfd_write(fd, 1)
+    except BlockingIOError:
+        pass
+
+
+def check_eventfd(fd: int) -> None:
+    """Accept ``fd`` as an interrupt eventfd, or raise IrqError (EINVAL) saying why.
+
+    Anything else (a pipe, a socket, a file) could block or fail the write that
+    signals it, and with it the daemon.  The eventfd is made non-blocking: the
+    flag belongs to the open file shared with the client, which QEMU creates
+    non-blocking anyway; the kernel's eventfd_signal() never blocks either.
+    """
+    try:
+        target = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError as exc:
+        raise IrqError(f"descriptor {fd} cannot be inspected: {exc}") from None
+    if target != "anon_inode:[eventfd]":
+        kind = target.split(":", 1)[0] if ":" in target else "file"
+        raise IrqError(f"SET_IRQS needs eventfds; got a {kind} ({target.split('/')[-1][:40]})")
+    os.set_blocking(fd, False)
 
 
 class IrqTable:
@@ -82,6 +112,8 @@ class IrqTable:
             if dt == C.VFIO_IRQ_SET_DATA_EVENTFD:
                 if fds and len(fds) != count:
                     raise IrqError(f"{len(fds)} descriptors for {count} vectors")
+                for fd in fds:
+                    check_eventfd(fd)
                 self._release(index, start, start + count)
                 for i, fd in enumerate(fds):
                     self.fds[index][start + i] = fd
@@ -121,3 +153,43 @@ class IrqTable:
 
     def installed(self) -> int:
         return sum(fd is not None for slots in self.fds.values() for fd in slots)
+
+    # ------------------------------------------------------------------ snapshot
+    def snapshot(self) -> "IrqSnapshot":
+        """Eventfds (borrowed) and protocol masks per index and vector."""
+        return IrqSnapshot(
+            counts=dict(self.counts),
+            eventfds={i: tuple(None if fd is None else Fd(fd) for fd in slots) for i, slots in self.fds.items()},
+            masked={i: tuple(m) for i, m in self.masked.items()},
+        )
+
+    def restore(self, snap: "IrqSnapshot") -> None:
+        """Install the snapshot's eventfds (taking them) and masks; signals nothing."""
+        try:
+            expect(snap, IrqSnapshot)
+            require(dict(snap.counts) == self.counts,
+                    f"IRQ vector counts {dict(snap.counts)} differ from this function's {self.counts}")
+            for i, n in self.counts.items():
+                require(len(snap.eventfds.get(i, ())) == n and len(snap.masked.get(i, ())) == n,
+                        f"IRQ index {i} snapshot does not have {n} vectors")
+        except BaseException:
+            snap.close_fds()
+            raise
+        self.clear()
+        seen: set[int] = set()
+        for i, slots in snap.eventfds.items():
+            for v, fd in enumerate(slots):
+                if fd is not None and fd in seen:
+                    fd = os.dup(fd)  # one eventfd on two vectors: each slot owns its fd
+                if fd is not None:
+                    seen.add(int(fd))
+                self.fds[i][v] = None if fd is None else int(fd)
+            self.masked[i] = [bool(m) for m in snap.masked[i]]
+
+
+@attrs.frozen
+class IrqSnapshot(Snapshot):
+    KIND = "vfio_user.irqs"
+    counts: dict
+    eventfds: dict  # index -> tuple of Fd or None per vector
+    masked: dict  # index -> tuple of bool per vector

@@ -10,6 +10,8 @@ import attrs
 
 from protocol.vfio_user import consts as C
 from protocol.vfio_user.messages import RegionCap, SparseMmapCap
+from zpcid.snapshot import Fd, Snapshot, expect, require
+from zpcid.vfio_user.memfd import cannot_shrink, sealed_memfd
 
 
 class RegionError(Exception):
@@ -57,18 +59,24 @@ class Region:
 
 
 class MemfdRegion(Region):
-    """RAM backed by a memfd (or a shared file), mmappable by the client."""
+    """RAM backed by a memfd (or a shared file), mmappable by the client.
+
+    The memfd is sealed (size fixed) before its descriptor can be sent, so a
+    client cannot shrink it under our mapping.  A shared file cannot be sealed:
+    zpcid then never maps it itself (``mm`` is None) and reaches it with
+    pread/pwrite, where a truncated file reads as zeros instead of SIGBUS.
+    """
 
     def __init__(self, size: int, name: str = "zpcid-region", path: str | None = None):
         self.size = size
+        self.mm: mmap.mmap | None = None
         if path is None:
-            self.fd = os.memfd_create(name, os.MFD_CLOEXEC)
-            os.ftruncate(self.fd, size)
+            self.fd = sealed_memfd(name, size)
+            self.mm = mmap.mmap(self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         else:
             self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
             if os.fstat(self.fd).st_size < size:
                 os.ftruncate(self.fd, size)
-        self.mm = mmap.mmap(self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
 
     def mmap_fd(self) -> int | None:
         return self.fd
@@ -77,17 +85,48 @@ class MemfdRegion(Region):
         return ((0, self.size),)
 
     async def read(self, offset: int, count: int) -> bytes:
+        if self.mm is None:
+            return os.pread(self.fd, count, offset).ljust(count, b"\0")
         return self.mm[offset : offset + count]
 
     async def write(self, offset: int, data: bytes) -> None:
+        if self.mm is None:
+            # Within the region only: a client that shrank the file does not
+            # get it grown back beyond what it left.
+            end = min(offset + len(data), os.fstat(self.fd).st_size)
+            if end > offset:
+                os.pwrite(self.fd, memoryview(data)[: end - offset], offset)
+            return
         self.mm[offset : offset + len(data)] = data
 
     def close(self) -> None:
-        try:
-            self.mm.close()
-        except BufferError:
-            pass
+        if self.mm is not None:
+            try:
+                self.mm.close()
+            except BufferError:
+                pass
         os.close(self.fd)
+
+    def snapshot(self) -> "MemfdRegionSnapshot":
+        """The memory itself is the fd: the client has it mapped, so the next process
+        must serve the same file, never a copy."""
+        return MemfdRegionSnapshot(size=self.size, fd=Fd(self.fd))
+
+    def restore(self, snap: "MemfdRegionSnapshot") -> None:
+        """Serve the snapshot's file instead of our own (takes its fd)."""
+        try:
+            expect(snap, MemfdRegionSnapshot)
+            require(snap.size == self.size, f"region of {snap.size:#x} bytes restored into one of {self.size:#x}")
+            require(os.fstat(snap.fd).st_size >= self.size, "region file is shorter than the region")
+            # Mapped only if nobody can shrink it (a sealed memfd); a shared file
+            # stays on pread/pwrite, as in __init__.
+            mm = (mmap.mmap(snap.fd, self.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+                  if cannot_shrink(snap.fd) else None)
+        except BaseException:
+            snap.close_fds()
+            raise
+        self.close()
+        self.fd, self.mm = int(snap.fd), mm
 
 
 ReadFn = Callable[[int, int], Awaitable[bytes]]
@@ -129,3 +168,10 @@ class WindowedRegion(Region):
         w = self._window(offset, len(data))
         if w is not None:
             await w.write(offset - w.offset, data)
+
+
+@attrs.frozen
+class MemfdRegionSnapshot(Snapshot):
+    KIND = "vfio_user.memfd_region"
+    size: int
+    fd: Fd

@@ -17,6 +17,7 @@ from typing import Protocol
 import attrs
 
 from zpcid.pci.config import PCI_CAP_ID_VNDR, ConfigSpace
+from zpcid.snapshot import Snapshot, expect, require
 from zpcid.vfio_user.regions import WindowedRegion
 
 # PCI identity (virtio 1.x, 4.1.2): modern device id = 0x1040 + virtio device id.
@@ -174,6 +175,33 @@ class VirtioPciTransport:
         self.generation = 0
         for q in self.queues:
             q.reset()
+
+    # ------------------------------------------------------------------ snapshot
+    def snapshot(self) -> "TransportSnapshot":
+        """Registers as the driver programmed them: negotiation, status, vectors, queues."""
+        return TransportSnapshot(
+            device_features=self.device_features, driver_features=self.driver_features,
+            dfselect=self.dfselect, gfselect=self.gfselect, status=self.status,
+            config_vector=self.config_vector, q_select=self.q_select, isr=self.isr,
+            generation=self.generation,
+            queues=tuple((q.max_size, q.size, q.vector, q.enabled, q.desc, q.driver, q.device)
+                         for q in self.queues))
+
+    def restore(self, snap: "TransportSnapshot") -> None:
+        """Take the registers as they were (the device model restarts its queues itself)."""
+        expect(snap, TransportSnapshot)
+        require(snap.device_features == self.device_features,
+                f"virtio features {snap.device_features:#x} offered in the snapshot, "
+                f"{self.device_features:#x} here (another configuration)")
+        require(len(snap.queues) == len(self.queues) and all(
+            t[0] == q.max_size for t, q in zip(snap.queues, self.queues)),
+            "virtio queue count or maximum size differs from the snapshot")
+        self.dfselect, self.gfselect = snap.dfselect, snap.gfselect
+        self.driver_features, self.status = snap.driver_features, snap.status
+        self.config_vector, self.q_select = snap.config_vector, snap.q_select
+        self.isr, self.generation = snap.isr, snap.generation
+        for q, (_, size, vector, enabled, desc, driver, device) in zip(self.queues, snap.queues):
+            q.size, q.vector, q.enabled, q.desc, q.driver, q.device = size, vector, enabled, desc, driver, device
 
     # ------------------------------------------------------------------ state
     @property
@@ -352,3 +380,18 @@ class VirtioPciTransport:
 
     async def _notify_write(self, offset: int, data: bytes) -> None:
         self.hooks.virtio_notify(offset // NOTIFY_OFF_MULTIPLIER)
+
+
+@attrs.frozen
+class TransportSnapshot(Snapshot):
+    KIND = "devices.virtio.pci"
+    device_features: int
+    driver_features: int
+    dfselect: int
+    gfselect: int
+    status: int
+    config_vector: int
+    q_select: int
+    isr: int
+    generation: int
+    queues: tuple  # (max_size, size, vector, enabled, desc, driver, device) per queue

@@ -15,6 +15,7 @@ from typing import Awaitable, Callable
 import attrs
 import trio
 
+from zpcid.snapshot import Snapshot, expect
 from zpcid.vfio_user.dma import DmaFault
 from zpcid.devices.virtio.pci import QueueConfig
 
@@ -86,6 +87,20 @@ class GuardedDma:
         self.service.check()
         await self.function.dma_path.write(addr, data)
 
+    def views(self, iov: list[tuple[int, int]], write: bool) -> list[memoryview] | None:
+        """Views of the driver memory behind (addr, len) pieces, for I/O without copies;
+        None where that memory is only reachable through DMA messages."""
+        self.service.check()
+        path = self.function.dma_path
+        out: list[memoryview] = []
+        for addr, n in iov:
+            if n:
+                piece = path.views(addr, n, write)
+                if piece is None:
+                    return None
+                out += piece
+        return out
+
 
 @attrs.define
 class Chain:
@@ -153,6 +168,20 @@ class SplitQueue:
         self.used_lock = trio.Lock()
         self.kick = trio.Event()
         self.inflight = 0
+        self.completed: list[tuple[int, int]] = []  # (head, written) not yet in the used ring
+        self.publishing = False
+
+    # ------------------------------------------------------------------ snapshot
+    def snapshot(self) -> "QueueSnapshot":
+        """Ring positions (the rings themselves are driver memory); taken with no request in flight."""
+        return QueueSnapshot(index=self.index, last_avail=self.last_avail, used_idx=self.used_idx,
+                             signalled_used=self.signalled_used, heads=tuple(self.heads))
+
+    def restore(self, snap: "QueueSnapshot") -> None:
+        expect(snap, QueueSnapshot)
+        self.last_avail, self.used_idx = snap.last_avail & 0xFFFF, snap.used_idx & 0xFFFF
+        self.signalled_used = None if snap.signalled_used is None else snap.signalled_used & 0xFFFF
+        self.heads = collections.deque(snap.heads)
 
     # ------------------------------------------------------------------ avail side
     async def _avail_idx(self) -> int:
@@ -227,12 +256,23 @@ class SplitQueue:
     # ------------------------------------------------------------------ used side
     async def push(self, head: int, written: int) -> bool:
         """Return a chain to the driver; True if the driver wants an interrupt now."""
+        return await self.push_many([(head, written)])
+
+    async def push_many(self, done: list[tuple[int, int]]) -> bool:
+        """Return chains to the driver under one used-index update; True if the
+        driver wants an interrupt for them (one interrupt covers the batch)."""
         async with self.used_lock:
             idx = self.used_idx
-            await self.dma.write(self.used + 4 + USED_ELEM_SIZE * (idx % self.size),
-                                 _used_elem.pack(head, written))
-            fence()  # the element must be visible before the index that publishes it
-            new = (idx + 1) & 0xFFFF
+            pos = 0
+            while pos < len(done):
+                # Consecutive elements up to the end of the ring in one write.
+                slot = (idx + pos) % self.size
+                n = min(len(done) - pos, self.size - slot)
+                raw = b"".join(_used_elem.pack(h, w) for h, w in done[pos : pos + n])
+                await self.dma.write(self.used + 4 + USED_ELEM_SIZE * slot, raw)
+                pos += n
+            fence()  # the elements must be visible before the index that publishes them
+            new = (idx + len(done)) & 0xFFFF
             await self.dma.write(self.used + 2, _u16.pack(new))
             self.used_idx = new
             fence()
@@ -245,6 +285,16 @@ class SplitQueue:
                 return ((new - event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
             flags = _u16.unpack(await self.dma.read(self.avail, 2))[0]
             return not flags & VRING_AVAIL_F_NO_INTERRUPT
+
+
+@attrs.frozen
+class QueueSnapshot(Snapshot):
+    KIND = "devices.virtio.queue"
+    index: int
+    last_avail: int
+    used_idx: int
+    signalled_used: int | None
+    heads: tuple  # heads taken from the avail ring, not yet started
 
 
 class Service:
