@@ -12,6 +12,7 @@ from zpcid.vmm import client as vclient
 from zpcid.zpci import core as Zr
 from zpcid.devices import dma_engine as D
 from zpcid.devices.memory import MemoryFunction
+from zpcid.vfio_user.dma import DmaFault
 from zpcid.vmm.guest import pte
 from zpcid.vmm.zpci_client import ZpciMailbox
 from helpers import serving
@@ -496,3 +497,23 @@ async def test_stock_vmm_gets_no_err_irq_for_errors_or_removal(sock_dir):
                 assert vclient.read_eventfd(env.err_fd) == 0
         finally:
             os.close(req[0])
+
+
+async def test_dma_path_views_follow_the_shadow_and_fault_at_the_iova(sock_dir):
+    """Views (what virtio-blk does I/O into) go through the same translation."""
+    fn = engine()
+    async with zpci_env(sock_dir, fn) as env:
+        assert (await env.register_ioat()).cc == 0
+        iova = SDMA + 0x10_0000
+        env.tables.map(iova, 0x30_0000, 1)
+        env.tables.map(iova + PAGE, 0x50_0000, 1)
+        assert (await env.box.rpcit(iova, 2 * PAGE)).cc == 0
+        views = fn.dma_path.views(iova + PAGE - 8, 16, True)
+        assert [len(v) for v in views] == [8, 8]
+        views[0][:] = b"A" * 8
+        views[1][:] = b"B" * 8
+        assert env.mem.read(0x30_0000 + PAGE - 8, 8) == b"A" * 8 and env.mem.read(0x50_0000, 8) == b"B" * 8
+        with pytest.raises(DmaFault) as e:
+            fn.dma_path.views(iova + 2 * PAGE, 8, False)
+        assert e.value.addr == iova + 2 * PAGE and env.box.state == Zr.State.ERROR
+        assert [p for _, p, _ in env.box.events()] == [Z.ZPCI_PEC_TRANSLATION_PROTECTION]

@@ -992,19 +992,16 @@ class ZpciDmaPath:
         """Memoryviews of the client memory behind an IOVA range, for I/O straight into
         or out of it; None where the memory is reachable only through DMA messages."""
         core = self.core
-        if not core.translating:
-            return self.space.views(iova, length, write)
         out: list[memoryview] = []
-        for gpa, n in core.translate(iova, length, write):
-            piece = self.space.views(gpa, n, write)
+        for piova, gpa, n in core.translate(iova, length, write):
+            try:
+                piece = self.space.views(gpa, n, write)
+            except DmaFault as exc:
+                core.memory_fault(piova, gpa, exc, iova, length, write)
             if piece is None:
                 return None
             out += piece
-        core._count("dma_w" if write else "dma_r", length)
-        if write:
-            core.function.counters.dma_bytes_written += length
-        else:
-            core.function.counters.dma_bytes_read += length
+        self._account(0, length) if write else self._account(length, 0)
         return out
 
     async def copy(self, dst: int, src: int, length: int) -> None:
