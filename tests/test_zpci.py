@@ -9,7 +9,7 @@ import pytest
 from protocol.zpci import formats as Z
 from protocol.zpci import tables as T
 from zpcid.vmm import client as vclient
-from zpcid.zpci import core as Zr
+from protocol.zpci import region as Zr
 from zpcid.devices import dma_engine as D
 from zpcid.devices.memory import MemoryFunction
 from zpcid.vfio_user.dma import DmaFault
@@ -390,7 +390,7 @@ async def test_pcilg_pcistg_storage_order(sock_dir):
         assert r.r1 == 0x11223344
         assert (await box.pcilg(4, 0x06, 4)).exception == Zr.EXC_OPERAND  # crosses a doubleword
         assert (await box.pcilg(15, 2, 4)).exception == Zr.EXC_OPERAND  # crosses a word
-        fn.zpci.error(Z.ZPCI_PEC_SYSTEM_ERROR)
+        fn.inject_error(Z.ZPCI_PEC_SYSTEM_ERROR)
         r = await box.pcilg(4, 0, 4)
         assert (r.cc, r.status) == (1, Z.ZPCI_PCI_ST_BLOCKED)
 
@@ -414,7 +414,8 @@ async def test_fmb_counts_refreshes_and_dma(sock_dir, autojump_clock):
         assert ok(await dma(env, D.OP_COPY, SDMA, SDMA + PAGE, 1000))
         # written at registration, then every MUI (not after each operation)
         assert Z.Fmb.unpack(env.mem.read(fmb, 64)).rpcit_ops == 0
-        await trio.sleep(Zr.DEFAULT_MUI / 1000 + 0.5)  # mock clock: one MUI tick
+        mui = Z.ClpQueryPciFnGrpResponse.unpack(env.box.clp_block("group")).mui
+        await trio.sleep(mui / 1000 + 0.5)  # mock clock: one MUI tick
         block = Z.Fmb.unpack(env.mem.read(fmb, 64))
         assert block.rpcit_ops == 3 and block.dma_rbytes == 1000 and block.dma_wbytes == 1000
         assert block.samples == 1 and not block.last_update & 1

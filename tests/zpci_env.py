@@ -6,7 +6,7 @@ import attrs
 
 from protocol.zpci import formats as Z
 from zpcid.vmm import client as vclient
-from zpcid.zpci import core as Zr
+from protocol.zpci import region as Zr
 from zpcid.vmm.guest import GuestTables
 from zpcid.vfio_user.memfd import Memfd
 from zpcid.zpci.properties import ZpciProperties

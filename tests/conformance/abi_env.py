@@ -11,7 +11,7 @@ import attrs
 
 from protocol.zpci import formats as Z
 from zpcid.vmm import client as vclient
-from zpcid.zpci import core as Zr  # ABI constants only (offsets, codes)
+from protocol.zpci import region as Zr  # ABI constants only (offsets, codes)
 from zpcid.devices import dma_engine as D
 from zpcid.vmm.guest import GuestTables
 from zpcid.zpci.properties import ZpciProperties

@@ -15,10 +15,9 @@ import pytest
 
 from protocol.zpci import formats as Z
 from zpcid.vmm import client as vclient
-from zpcid.zpci import core as Zr
+from protocol.zpci import region as Zr
 from zpcid.devices import dma_engine as D
 from zpcid.devices.memory import MemoryFunction
-from zpcid.vmm.guest import pte
 from abi_env import ACCESS, GUEST_MEM, PAGE, SDMA, fib, guest, props
 
 R1_STATUS = lambda reg: (reg >> 24) & 0xFF  # noqa: E731

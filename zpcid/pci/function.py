@@ -17,6 +17,9 @@ from zpcid.vfio_user.dma import DmaSpace
 from zpcid.vfio_user.irq import IrqTable
 from zpcid.pci.msix import Msix
 from zpcid.pci.config import Bar, ConfigRegion, ConfigSpace
+from protocol.zpci.region import ZPCI_REGION_INDEX
+from zpcid.zpci.core import ZpciCore
+from zpcid.zpci.dma_path import ZpciDmaPath
 from zpcid.zpci.properties import ZpciProperties
 from zpcid.vfio_user.regions import Region, RegionError, WindowedRegion
 
@@ -64,16 +67,28 @@ class PciFunction:
         # the client must not run inside a register access, because QEMU serves
         # DMA_READ/DMA_WRITE under the lock its vCPU holds while it waits for
         # our reply to that access.
-        self.tasks: trio.Nursery | None = None
+        self._tasks: trio.Nursery | None = None
         # Every function is a zPCI function: the control region (index 9) carries
-        # CLP data, the instruction mailbox and the event ring.
-        from zpcid.zpci.core import ZPCI_REGION_INDEX, ZpciCore, ZpciDmaPath
-
-        self.zpci = ZpciCore(self)
+        # CLP data, the instruction mailbox and the event ring. The zPCI layer
+        # sees this function only through its FunctionPort methods (zpci_*).
+        self.zpci = ZpciCore(name, self.props, self.log, self, self.dma)
         self.regions[ZPCI_REGION_INDEX] = self.zpci.region
         # What device models use for DMA: async read(iova, n) / write(iova, data);
         # IOVAs go through the zPCI IOMMU when the VMM lets zpcid translate.
         self.dma_path = ZpciDmaPath(self.zpci)
+
+    @property
+    def tasks(self) -> trio.Nursery | None:
+        return self._tasks
+
+    @tasks.setter
+    def tasks(self, nursery: trio.Nursery | None) -> None:
+        """The session's nursery (set by the server while a client is attached)."""
+        self._tasks = nursery
+        if nursery is not None:
+            self.zpci.session_started()
+        else:
+            self.zpci.session_ended()
 
     # ------------------------------------------------------------------ building
     def add_bar(self, index: int, region: Region, *, is64: bool = True, prefetch: bool = False) -> Bar:
@@ -87,6 +102,9 @@ class PciFunction:
         """A trapped BAR holding the MSI-X table (offset 0) and PBA (second half)."""
         region = WindowedRegion(size)
         self.msix = Msix(self.config, self.irqs, self._msix_vectors, index, 0, size // 2)
+        # The interrupt-delivery hook: adapter interruptions set their indicator
+        # bits before (and decide whether) the vector's eventfd is signalled.
+        self.msix.deliver_hook = self.zpci.deliver_interrupt
         region.add(0, self.msix.table_size, self.msix.table_read, self.msix.table_write)
         region.add(size // 2, self.msix.pba_size, self.msix.pba_read, self.msix.pba_write)
         self.add_bar(index, region)
@@ -213,12 +231,7 @@ class PciFunction:
 
     # zPCI operations for the control socket (zpcictl)
     def zpci_mappings(self) -> list[dict[str, Any]]:
-        if self.zpci.direct:
-            z = self.zpci
-            return [{"iova": z.pba, "size": z.pal - z.pba + 1, "gpa": z.pba - z.sdma,
-                     "writable": True, "direct": True}]
-        return [{"iova": i, "size": n, "gpa": g, "writable": w}
-                for i, n, g, w in self.zpci.shadow.ranges()]
+        return self.zpci.mappings()
 
     def zpci_events(self, clear: bool = False) -> list[dict[str, Any]]:
         events = list(self.zpci.event_log)
@@ -240,12 +253,45 @@ class PciFunction:
         if key not in self.SETTABLE:
             raise KeyError(f"property {key!r} cannot be set at run time (settable: {', '.join(self.SETTABLE)})")
         self._apply_props(attrs.evolve(self.props, **{key: value}))
-        self.zpci.reset_all()
 
     def _apply_props(self, props: ZpciProperties) -> None:
         self.props = props
-        self.zpci.props = props
-        self.zpci.shadow.limit = props.dma_limit
+        self.zpci.set_props(props)
+
+    # ------------------------------------------------------------------ FunctionPort (zPCI)
+    def zpci_ids(self) -> tuple[int, int]:
+        return self.config.u16(0), self.config.u16(2)
+
+    def zpci_bars(self) -> dict[int, tuple[int, int]]:
+        return {i: (bar.region.size, self.config.u32(0x10 + 4 * i))
+                for i, bar in self.config.bars.items() if i < 6}
+
+    def zpci_msix_vectors(self) -> int:
+        return self.msix.nvec if self.msix is not None else 0
+
+    def zpci_dma_mapped(self) -> bool:
+        return len(self.dma) > 0
+
+    async def zpci_load(self, index: int, offset: int, length: int) -> bytes:
+        return await self.region_read(index, offset, length)
+
+    async def zpci_store(self, index: int, offset: int, data: bytes) -> None:
+        await self.region_write(index, offset, data)
+
+    def zpci_signal_error(self) -> bool:
+        return self.irqs.signal(C.VFIO_PCI_ERR_IRQ_INDEX)
+
+    def zpci_count(self, counter: str, n: int = 1) -> None:
+        setattr(self.counters, counter, getattr(self.counters, counter) + n)
+
+    def zpci_count_error(self, kind: str) -> None:
+        self.counters.errors[kind] += 1
+
+    def zpci_spawn(self, async_fn, *args) -> bool:
+        if self._tasks is None:
+            return False
+        self._tasks.start_soon(async_fn, *args)
+        return True
 
     # ------------------------------------------------------------------ snapshot
     def device_snapshot(self) -> Snapshot | None:

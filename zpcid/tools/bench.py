@@ -28,7 +28,7 @@ from protocol.vfio_user import messages as M
 from protocol.vfio_user.header import Command
 from zpcid.vmm import client as vclient
 from zpcid import log
-from zpcid.zpci import core as Zr
+from protocol.zpci import region as Zr
 from zpcid.devices import dma_engine as D
 from zpcid.vfio_user.memfd import Memfd
 from zpcid.vmm.model import attach

@@ -12,7 +12,7 @@ import attrs
 
 from protocol.vfio_user import consts as C
 from protocol.vfio_user import messages as M
-from zpcid.zpci import core as Zr
+from protocol.zpci import region as Zr
 from zpcid.vmm.client import Client
 
 
