@@ -6,7 +6,7 @@ import sys
 
 
 def test_bench_quick_json():
-    out = subprocess.run([sys.executable, "-m", "zpcid.service.cli", "bench", "--quick", "--json", "--quiet"],
+    out = subprocess.run([sys.executable, "-m", "zpcid.cli", "bench", "--quick", "--json", "--quiet"],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     doc = json.loads(out.stdout)

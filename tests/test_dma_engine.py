@@ -9,6 +9,7 @@ from protocol.zpci import formats as Z
 from zpcid.vmm import client as vclient
 from protocol.zpci import region as Zr
 from zpcid.devices import dma_engine as D
+from zpcid.vmm.dma_engine_driver import Driver
 from zpcid.vmm.model import attach
 from helpers import serving
 from zpci_env import props
@@ -52,11 +53,11 @@ async def reg(vmm, off, fmt="<I"):
 async def run(vmm, **values):
     await regs(vmm, **values)
     await vmm.client.region_write(0, D.REG_DOORBELL, b"\1\0\0\0")
-    return await D.Driver(vmm.client).wait()
+    return await Driver(vmm.client).wait()
 
 
 async def tail(vmm, value):
-    return await D.Driver(vmm.client).submit(value)
+    return await Driver(vmm.client).submit(value)
 
 
 def error_of(status):
@@ -203,7 +204,7 @@ async def test_vmm_translates_mode_message_dma(sock_dir):
             await c.region_write(7, 4, b"\x06\x00")
             buf = bytearray(os.urandom(2 * PAGE))
             await c.dma_map(0x100000, len(buf), buf=buf)
-            st = await D.Driver(c).run(D.OP_COPY, 0x100000, 0x100000 + PAGE, 100)
+            st = await Driver(c).run(D.OP_COPY, 0x100000, 0x100000 + PAGE, 100)
             assert error_of(st) == 0 and buf[PAGE : PAGE + 100] == buf[:100]
             assert c.dma_requests >= 2
 

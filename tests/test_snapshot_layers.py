@@ -13,6 +13,7 @@ from protocol.vfio_user import consts as C
 from protocol.vfio_user.messages import IrqSet
 from zpcid import snapshot as S
 from zpcid.devices import dma_engine as D
+from zpcid.vmm.dma_engine_driver import Driver
 from zpcid.devices import memory as Mem
 from zpcid.pci.config import Bar, ConfigSpace, PCI_COMMAND
 from zpcid.pci.msix import Msix
@@ -319,7 +320,7 @@ async def test_dma_engine_ring_continues_after_restore(sock_dir):
                 await c1.region_write(0, D.REG_VECTOR, struct.pack("<I", 1))
                 for i in range(6):
                     put(i, 0x10000 + i * PAGE, 0x40000 + i * PAGE, os.urandom(PAGE))
-                assert D.status_error(await D.Driver(c1).submit(6)) == 0
+                assert D.status_error(await Driver(c1).submit(6)) == 0
                 assert await vclient.wait_eventfd(fds[1]) == 1
                 fresh, snap = await restored_copy(old_srv.function, make)
                 async with serving(fresh, sock_dir, "new.sock") as new_srv:
@@ -330,7 +331,7 @@ async def test_dma_engine_ring_continues_after_restore(sock_dir):
                             data = os.urandom(PAGE)
                             put(i, 0x10000 + i * PAGE, 0x40000 + i * PAGE, data)
                             expected[0x40000 + i * PAGE] = data
-                        assert D.status_error(await D.Driver(c2).submit(11)) == 0
+                        assert D.status_error(await Driver(c2).submit(11)) == 0
                         assert await vclient.wait_eventfd(fds[1]) == 1
                         assert struct.unpack("<I", await c2.region_read(0, D.REG_COMPLETED, 4))[0] == 11
                         for dst, data in expected.items():

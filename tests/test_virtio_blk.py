@@ -114,11 +114,13 @@ async def test_registered_type_and_option_errors(disk, tmp_path):
 # ---------------------------------------------------------------------- data path
 
 
-@pytest.mark.parametrize("shared", [True, False], ids=["memfd", "dma-messages"])
-async def test_write_flush_read_back_and_host_file(disk, sock_dir, shared):
+@pytest.mark.parametrize("shared,seal", [(True, None), (True, 0), (False, None)],
+                         ids=["memfd", "memfd-unsealed", "dma-messages"])
+async def test_write_flush_read_back_and_host_file(disk, sock_dir, shared, seal):
+    # Unsealed guest memory is reached with pread/pwrite on the client's fd, not mmapped.
     fn = VirtioBlkFunction("vb0", path=disk, size="8M")
     data = pattern(1, 64 * 1024)
-    async with blk_guest(fn, sock_dir, shared=shared) as drv:
+    async with blk_guest(fn, sock_dir, shared=shared, seal=seal) as drv:
         await drv.write(0, 100, data)
         assert await drv.flush(0) == S_OK
         assert await drv.read(0, 100, len(data)) == data
@@ -749,3 +751,36 @@ async def test_snapshot_is_refused_with_requests_in_flight_and_restore_checks_th
         os.fstat(copy.backing)  # the restore took the fd, also when it refused
     for f in (fn, other, wrong_cache):
         f.close()
+
+
+async def test_client_leaving_during_a_dma_read_is_reported_as_gone(disk, sock_dir):
+    """The VMM dies instead of answering the device's DMA_READ: the log says so."""
+    import socket
+
+    import structlog
+
+    fn = VirtioBlkFunction("vb0", path=disk, size="1M")
+    with structlog.testing.capture_logs() as logs:
+        async with blk_guest(fn, sock_dir, shared=False) as drv:
+            client = drv.client
+            asked = trio.Event()
+
+            async def vanish(msg):
+                asked.set()
+                client.transport.raw.shutdown(socket.SHUT_RDWR)
+
+            client._serve = vanish
+            buf = drv.mem.alloc(512)
+            status = drv.mem.alloc(1)
+            await raw_chain(drv.queues[0], [(buf, 16, VRING_DESC_F_NEXT, 1),
+                                            (status, 1, VRING_DESC_F_WRITE, 0)])
+            with trio.fail_after(WAIT):
+                await asked.wait()
+                while fn.session is not None:
+                    await trio.sleep(0.01)
+    events = [e for e in logs if e["event"].startswith("virtio")]
+    gone = [e for e in events if e["event"] == "virtio_blk_client_gone"]
+    assert gone and "client went away" in gone[0]["error"]
+    assert "0x0+0x0" not in gone[0]["error"]
+    assert not [e for e in events if e["event"] == "virtio_needs_reset"]
+    fn.close()

@@ -11,6 +11,7 @@ from protocol.zpci import tables as T
 from zpcid.vmm import client as vclient
 from protocol.zpci import region as Zr
 from zpcid.devices import dma_engine as D
+from zpcid.vmm.dma_engine_driver import Driver
 from zpcid.devices.memory import MemoryFunction
 from zpcid.vfio_user.dma import DmaFault
 from zpcid.vmm.guest import pte
@@ -26,7 +27,7 @@ def engine(**kw):
 
 
 async def dma(env, op, src, dst, length, pattern=0):
-    return await D.Driver(env.client).run(op, src, dst, length, pattern)
+    return await Driver(env.client).run(op, src, dst, length, pattern)
 
 
 def ok(status):

@@ -21,11 +21,11 @@ WAIT = 5.0  # guard against a hung device; never a performance assertion
 
 
 @contextlib.asynccontextmanager
-async def blk_guest(function, sock_dir: str, *, shared: bool = True, **init):
+async def blk_guest(function, sock_dir: str, *, shared: bool = True, seal: int | None = None, **init):
     """Serve ``function``, attach the reference client, bring the driver up."""
     async with serving(function, sock_dir) as server:
         async with zclient.connect(server.path) as client:
-            mem = GuestMemory(GUEST_MEM, shared=shared)
+            mem = GuestMemory(GUEST_MEM, shared=shared, **({} if seal is None else {"seal": seal}))
             try:
                 async with open_blk(client, mem, **init) as drv:
                     yield drv

@@ -42,7 +42,7 @@ class Flags:
     ERROR = 0x20
 
 
-_KNOWN_FLAG_BITS = 0xF | 0x10 | 0x20
+KNOWN_FLAG_BITS = Flags.TYPE_MASK | Flags.NO_REPLY | Flags.ERROR
 
 
 @attrs.frozen(slots=True)
@@ -87,7 +87,7 @@ def error_reply(msg_id: int, cmd: int, errno: int) -> bytes:
 
 
 def validate_flags(flags: int) -> None:
-    if flags & ~_KNOWN_FLAG_BITS:
+    if flags & ~KNOWN_FLAG_BITS:
         raise ProtocolError(f"reserved header flag bits set: {flags:#x}")
     if (flags & Flags.TYPE_MASK) not in (Flags.COMMAND, Flags.REPLY):
         raise ProtocolError(f"unknown message type {flags & Flags.TYPE_MASK}")

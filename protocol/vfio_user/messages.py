@@ -16,6 +16,12 @@ import attrs
 
 from protocol.vfio_user import consts as C
 from protocol.errors import ProtocolError
+from protocol import json_limits
+
+# Bounds on the VERSION capabilities document (a few hundred bytes, three levels
+# deep, in every client known).
+VERSION_JSON_MAX_SIZE = 64 << 10
+VERSION_JSON_MAX_DEPTH = 16
 
 _U32 = (1 << 32) - 1
 _U64 = (1 << 64) - 1
@@ -136,8 +142,9 @@ class Version:
         if b"\0" in body:
             raise ProtocolError("VERSION: embedded NUL in JSON")
         try:
-            doc = json.loads(body.decode("utf-8")) if body.strip() else {}
-        except (ValueError, RecursionError) as exc:  # RecursionError: absurd nesting
+            doc = json_limits.loads(body.decode("utf-8"), max_size=VERSION_JSON_MAX_SIZE,
+                                    max_depth=VERSION_JSON_MAX_DEPTH) if body.strip() else {}
+        except ValueError as exc:  # also UnicodeDecodeError and JsonLimitError
             raise ProtocolError(f"VERSION: invalid JSON: {exc}") from None
         if not isinstance(doc, dict):
             raise ProtocolError("VERSION: JSON document is not an object")

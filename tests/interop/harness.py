@@ -81,12 +81,8 @@ def pattern(seed: bytes, n: int) -> bytes:
 
 
 def function_types() -> dict[str, Callable[..., Any]]:
-    """The registered function types; a type module that fails to import only
-    takes its own type away (virtio-blk is younger than memory)."""
-    try:
-        devices.load_all()
-    except ImportError:
-        from zpcid.devices import memory  # noqa: F401
+    """The function types by configuration name."""
+    devices.load_all()
     return devices.TYPES
 
 

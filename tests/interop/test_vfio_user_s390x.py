@@ -366,7 +366,10 @@ async def _memory_session(qemu: qh.QemuInstall, workdir: Path, sock: str) -> Mem
     fn = harness.function_types()["memory"]("m0", vendor=MEM_VENDOR, device=MEM_DEVICE,
                                      ram_size=RAM_SIZE, backing=str(backing),
                                      zpci=ZpciProperties(fid=ZPCI_FID, uid=ZPCI_UID))
-    fn.ram.mm[HOST_OFFSET : HOST_OFFSET + 4] = _le(HOST_VALUE)
+    # The host side writes through the shared backing file, as any other process would.
+    with open(backing, "r+b") as f:
+        f.seek(HOST_OFFSET)
+        f.write(_le(HOST_VALUE))
     boot = functools.partial(
         qh.run_guest, qemu, "s390x", qh.guest_script(_memory_body()), qemu_args=_device_arg(sock),
         timeout=BOOT_TIMEOUT, extra_files={"bin/zmmio": MEM_PROGRAM.elf})

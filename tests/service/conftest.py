@@ -25,7 +25,7 @@ def command(name: str, module: str) -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", module]
 
 
-ZPCID = command("zpcid", "zpcid.service.cli")
+ZPCID = command("zpcid", "zpcid.cli")
 ZPCICTL = command("zpcictl", "zpcid.service.ctl")
 
 

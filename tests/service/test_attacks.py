@@ -192,3 +192,57 @@ async def test_row3_saturated_blocking_eventfd_does_not_stall(daemons):
     finally:
         os.close(ev)
     await assert_healthy(d, "f1", "f2")
+
+
+# ---------------------------------------------------------------------- row 5
+def daemon_fds(d) -> int:
+    return len(os.listdir(f"/proc/{d.proc.pid}/fd"))
+
+
+async def test_row5_connection_flood_under_a_low_fd_limit(daemons):
+    import resource
+    import socket
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    d = daemons(functions=[memfn(1), memfn(2)])
+    # The flood of the issue (1,015 connections under 1,024), scaled down.
+    limit = 96
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
+    try:
+        d.start()
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    async with zclient.connect(d.socket("f1")) as legit:
+        baseline = daemon_fds(d)
+        flood = []
+        try:
+            for path in [d.socket("f1")] * (limit + 40) + [d.control] * 40:
+                s = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                flood.append(s)
+                with trio.move_on_after(0.5):  # a full backlog: the daemon is not accepting
+                    try:
+                        await s.connect(path)
+                    except OSError:
+                        pass
+            await trio.sleep(1)
+            assert d.proc.poll() is None, d.log()[-3000:]
+            # The attached VMM is untouched.
+            assert await legit.region_read(BAR4, REG_MAGIC, 4, via_mmap=False) == struct.pack("<I", MAGIC)
+        finally:
+            for s in flood:
+                s.close()
+    # Both sockets and the control socket still serve; descriptors went back.
+    with trio.fail_after(GENEROUS):
+        while True:
+            try:
+                await assert_healthy(d, "f1", "f2")
+                rc, out, err = d.ctl("list")
+                if rc == 0:
+                    break
+            except (OSError, AssertionError, zclient.VfioUserError):
+                pass
+            await trio.sleep(0.2)
+    with trio.fail_after(GENEROUS):
+        while daemon_fds(d) > baseline:
+            await trio.sleep(0.1)
+    assert "function_failed" not in d.log()

@@ -77,8 +77,12 @@ def test_control_commands_human_and_json(daemons):
     rc, out, err = d.ctl("list")
     assert rc == 0, err
     lines = out.splitlines()
-    assert lines[0].split() == ["FID", "UID", "NAME", "TYPE", "STATE", "ATTACHED", "SOCKET"]
-    assert lines[2].split() == ["0x20", "0x21", "f20", "memory", "serving", "no", d.socket("f20")]
+    assert lines[0].split() == ["FID", "UID", "NAME", "TYPE", "STATE", "PID", "RESTARTS", "ATTACHED",
+                                "SOCKET"]
+    listed = d.ctl_json("list")
+    pid20 = listed[1]["pid"]
+    assert lines[2].split() == ["0x20", "0x21", "f20", "memory", "serving", str(pid20), "0", "no",
+                                d.socket("f20")]
     # aligned: every column starts at the same offset in each row
     assert lines[1].index("0x1 ") == 0 and lines[0].index("SOCKET") == lines[2].index(d.socket("f20"))
 

@@ -21,7 +21,6 @@ import struct
 
 import attrs
 
-from zpcid.devices import register
 from zpcid.vfio_user.dma import DmaFault
 from zpcid.pci.function import PciFunction
 from zpcid.snapshot import Snapshot, expect, require
@@ -83,7 +82,7 @@ class MemoryFunction(PciFunction):
         if offset == REG_DOORBELL and len(data) == 4:
             vector = int.from_bytes(data, "little")
             self.rings += 1
-            self.log.info("doorbell", vector=vector)
+            self.log.debug("doorbell", vector=vector)
             if self.msix is not None and vector < self.msix.nvec:
                 self.msix.fire(vector)
             return
@@ -123,6 +122,5 @@ class MemoryRegsSnapshot(Snapshot):
     rings: int
 
 
-@register("memory")
 def make(name: str, **options) -> MemoryFunction:
     return MemoryFunction(name, **options)

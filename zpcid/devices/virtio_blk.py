@@ -23,12 +23,11 @@ import attrs
 import numpy as np
 import trio
 
-from zpcid.devices import register
 from zpcid.pci.function import PciFunction
 from zpcid.snapshot import Fd, Snapshot, SnapshotError, expect, require
 from zpcid.devices.virtio import pci as vp
 from zpcid.devices.virtio.queue import (Chain, GuardedDma, RingError, Service, SplitQueue, Stopped,
-                                gather, is_dma_error, scatter, slice_iov, validate_queue)
+                                gather, is_client_gone, is_dma_error, scatter, slice_iov, validate_queue)
 
 VIRTIO_ID_BLOCK = 2
 
@@ -572,6 +571,10 @@ class VirtioBlkFunction(PciFunction):
                 await trio.lowlevel.checkpoint()
 
     def _ring_failure(self, q: SplitQueue, exc: Exception) -> None:
+        if is_client_gone(exc):
+            # Not the driver's fault and nobody left to tell: no NEEDS_RESET.
+            self.log.warning("virtio_blk_client_gone", queue=q.index, error=str(exc))
+            return
         if isinstance(exc, RingError) or is_dma_error(exc):
             self.counters.errors["virtio_ring"] += 1
             reason = "ring_error" if isinstance(exc, RingError) else "ring_dma_fault"
@@ -712,7 +715,7 @@ class VirtioBlkFunction(PciFunction):
             self.log.warning("virtio_blk_io_error", type=rtype, sector=sector,
                              errno=errno.errorcode.get(exc.errno, exc.errno), error=str(exc))
         except Exception as exc:
-            if not is_dma_error(exc):
+            if not is_dma_error(exc) or is_client_gone(exc):
                 raise
             # A data buffer outside driver memory: fail this request, keep the device.
             status, written = VIRTIO_BLK_S_IOERR, 0
@@ -920,6 +923,5 @@ class VirtioBlkSnapshot(Snapshot):
     stats: dict
 
 
-@register("virtio-blk")
 def make(name: str, **options) -> VirtioBlkFunction:
     return VirtioBlkFunction(name, **options)

@@ -35,6 +35,10 @@ class FunctionCounters:
     dma_bytes_written: int = 0
     interrupts: int = 0
     attaches: int = 0
+    # DMA_MAP / DMA_UNMAP requests that changed the client's DMA space: counted,
+    # not logged (stock QEMU on s390x sends one per guest page).
+    vfio_dma_maps: int = 0
+    vfio_dma_unmaps: int = 0
     errors: collections.Counter = attrs.field(factory=collections.Counter)  # kind -> count
 
 
@@ -161,6 +165,13 @@ class PciFunction:
         self.reset_state()
         self.zpci.function_reset()
 
+    def release_requested(self) -> bool:
+        """The VMM is asked to let go of the function; False if it cannot hear that."""
+        # zPCI: the guest learns through a "deconfiguration requested" event;
+        # vfio-user: the VMM through its REQ eventfd.
+        self.zpci.availability(0x0303, "removal requested")
+        return self.irqs.signal(C.VFIO_PCI_REQ_IRQ_INDEX)
+
     # ------------------------------------------------------------------ vfio-user device API
     def device_info(self) -> tuple[int, int, int]:
         num_regions = max(C.VFIO_PCI_NUM_REGIONS, max(self.regions) + 1)
@@ -203,12 +214,17 @@ class PciFunction:
     def dma_map(self, iova: int, size: int, readable: bool, writable: bool,
                 fd: int | None, offset: int) -> None:
         self.dma.add(iova, size, readable, writable, fd, offset)
+        self.counters.vfio_dma_maps += 1
 
     def dma_unmap(self, iova: int, size: int) -> int:
-        return len(self.dma.remove(iova, size))
+        n = len(self.dma.remove(iova, size))
+        self.counters.vfio_dma_unmaps += n
+        return n
 
     def dma_unmap_all(self) -> int:
-        return len(self.dma.clear())
+        n = len(self.dma.clear())
+        self.counters.vfio_dma_unmaps += n
+        return n
 
     def describe(self) -> dict[str, Any]:
         """State for the control socket (``zpcictl show``); JSON-serialisable."""

@@ -1,4 +1,8 @@
-"""The ``zpcid`` command: one entry in SUBCOMMANDS per subcommand (add_arguments, run)."""
+"""The ``zpcid`` command's parser and its ``serve`` subcommand.
+
+One entry in SUBCOMMANDS per subcommand (add_arguments, run); ``zpcid.cli``
+adds the tools' subcommands, which the daemon never imports.
+"""
 
 from __future__ import annotations
 
@@ -74,35 +78,6 @@ def serve(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-# ---------------------------------------------------------------------- demo, bench
-def _no_arguments(p: argparse.ArgumentParser) -> None:
-    pass
-
-
-@subcommand("demo", "walk a guest's zPCI life cycle against a dma-engine function, checking each step",
-            _no_arguments)
-def demo(args: argparse.Namespace) -> int:
-    from zpcid.tools import demo as demo_mod
-
-    log.configure("auto", "error")
-    return trio.run(demo_mod.run_demo)
-
-
-def _bench_arguments(p: argparse.ArgumentParser) -> None:
-    from zpcid.tools import bench as bench_mod
-
-    bench_mod.add_arguments(p)
-
-
-@subcommand("bench", "measure the hot paths, each next to a baseline (docs/performance.md)",
-            _bench_arguments)
-def bench(args: argparse.Namespace) -> int:
-    from zpcid.tools import bench as bench_mod
-
-    log.configure("json", "error")
-    return bench_mod.run(args.quick, args.json, args.quiet)
-
-
 # ---------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="zpcid", description=zpcid.__doc__)
@@ -118,7 +93,3 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     return args.run(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -16,10 +16,19 @@ from typing import Any, Awaitable, Callable
 
 import trio
 
+from protocol import json_limits
 from zpcid import log
 
-MAX_LINE = 1 << 20
+# Requests are a few hundred bytes; 64 KiB keeps one request's parse well
+# under the event loop's ~10 ms budget.
+MAX_LINE = 64 << 10
+MAX_DEPTH = 32  # requests are two levels deep; arguments add a few
 MAX_CONNECTIONS = 32
+# A connection that sends no complete request for this long is closed; one that
+# does not take its response within SEND_TIMEOUT too.  When all slots are taken,
+# the connection idle the longest makes room for a new one.
+IDLE_TIMEOUT = 30.0
+SEND_TIMEOUT = 10.0
 PROTOCOL_VERSION = 1
 
 Handler = Callable[[dict[str, Any]], Awaitable[Any]]
@@ -57,6 +66,16 @@ def encode(obj: Any) -> bytes:
     return json.dumps(obj, separators=(",", ":"), default=str).encode() + b"\n"
 
 
+class _Slot:
+    """One served connection: how to end it, and since when it waits for a request."""
+
+    __slots__ = ("scope", "idle_since")
+
+    def __init__(self, now: float):
+        self.scope = trio.CancelScope()
+        self.idle_since: float | None = now  # None while a request is being handled
+
+
 class ControlServer:
     """Accepts control connections and dispatches requests to ``handlers``."""
 
@@ -65,8 +84,9 @@ class ControlServer:
         self.admin_gid = admin_gid
         self.requests = 0
         self.refused = 0
+        self.evicted = 0
         self.log = log.get("zpcid.service.control")
-        self._slots = trio.Semaphore(MAX_CONNECTIONS)
+        self._slots: set[_Slot] = set()
 
     async def serve(self, listener: trio.socket.SocketType) -> None:
         await trio.serve_listeners(self._connection, [trio.SocketListener(listener)])
@@ -85,44 +105,68 @@ class ControlServer:
                     "message": f"uid {uid} may not control this daemon (needs uid {os.geteuid()}, "
                                f"root or the admin group)"}})
                 return
-            try:
-                self._slots.acquire_nowait()
-            except trio.WouldBlock:
+            if len(self._slots) >= MAX_CONNECTIONS and not self._evict_idle():
                 await self._send(conn, {"ok": False, "error": {
-                    "code": "busy", "message": "too many control connections"}})
+                    "code": "busy", "message": "too many control connections, all busy"}})
                 return
+            slot = _Slot(trio.current_time())
+            self._slots.add(slot)
             try:
-                await self._requests(conn)
+                with slot.scope:
+                    await self._requests(conn, slot)
             finally:
-                self._slots.release()
+                self._slots.discard(slot)
 
-    async def _requests(self, conn) -> None:
+    def _evict_idle(self) -> bool:
+        """Close the connection that has waited longest for a request; False if none waits."""
+        idle = [s for s in self._slots if s.idle_since is not None]
+        if not idle:
+            return False
+        victim = min(idle, key=lambda s: s.idle_since)
+        self._slots.discard(victim)
+        victim.scope.cancel()
+        self.evicted += 1
+        self.log.warning("control_evicted", reason="connection slots full; closed the longest idle one",
+                         idle_s=round(trio.current_time() - victim.idle_since, 3))
+        return True
+
+    async def _requests(self, conn, slot: _Slot) -> None:
         buf = b""
         while True:
-            while b"\n" not in buf:
-                if len(buf) > MAX_LINE:
-                    await self._send(conn, {"ok": False, "error": {
-                        "code": "bad-request", "message": f"request longer than {MAX_LINE} bytes"}})
-                    return
-                try:
-                    chunk = await conn.receive_some(65536)
-                except trio.BrokenResourceError:
-                    return
-                if not chunk:
-                    return
-                buf += chunk
+            with trio.move_on_at(slot.idle_since + IDLE_TIMEOUT) as idle:
+                while b"\n" not in buf:
+                    if len(buf) > MAX_LINE:
+                        await self._send(conn, {"ok": False, "error": {
+                            "code": "bad-request", "message": f"request longer than {MAX_LINE} bytes"}})
+                        return
+                    try:
+                        chunk = await conn.receive_some(65536)
+                    except trio.BrokenResourceError:
+                        return
+                    if not chunk:
+                        return
+                    buf += chunk
+            if idle.cancelled_caught:
+                self.log.info("control_idle_timeout", idle_s=IDLE_TIMEOUT)
+                await self._send(conn, {"ok": False, "error": {
+                    "code": "timeout", "message": f"no complete request within {IDLE_TIMEOUT:g} s"}})
+                return
             line, buf = buf.split(b"\n", 1)
             if not line.strip():
                 continue
+            slot.idle_since = None
             response = await self.handle_line(line)
             if not await self._send(conn, response):
                 return
+            slot.idle_since = trio.current_time()
 
     async def handle_line(self, line: bytes) -> dict[str, Any]:
         self.requests += 1
         try:
-            req = json.loads(line)
-        except (ValueError, UnicodeDecodeError) as exc:
+            req = json_limits.loads(line, max_size=MAX_LINE, max_depth=MAX_DEPTH)
+        except json_limits.JsonLimitError as exc:
+            return {"ok": False, "error": {"code": "bad-request", "message": str(exc)}}
+        except ValueError as exc:  # also UnicodeDecodeError
             return {"ok": False, "error": {"code": "bad-request", "message": f"not JSON: {exc}"}}
         rid = req.get("id") if isinstance(req, dict) else None
         out: dict[str, Any] = {"id": rid} if rid is not None else {}
@@ -149,8 +193,12 @@ class ControlServer:
         return out | {"ok": True, "result": result}
 
     async def _send(self, conn: trio.SocketStream, obj) -> bool:
-        try:
-            await conn.send_all(encode(obj))
-        except trio.BrokenResourceError:
-            return False
-        return True
+        """False if the peer is gone or does not take the response within SEND_TIMEOUT."""
+        with trio.move_on_after(SEND_TIMEOUT):
+            try:
+                await conn.send_all(encode(obj))
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return False
+            return True
+        self.log.info("control_send_timeout", timeout_s=SEND_TIMEOUT)
+        return False

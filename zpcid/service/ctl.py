@@ -24,6 +24,7 @@ ENV_SOCKET = "ZPCID_CONTROL_SOCKET"
 # Integers shown in hex in human output (identifiers, addresses, codes).
 HEX_HINTS = ("fid", "uid", "pchid", "pfgid", "vfn", "fh", "vendor", "device", "pec", "iova",
              "addr", "start", "end", "iota", "ioat", "pba", "pal", "gpa", "sdma", "edma", "target")
+DECIMAL = ("restarts",)  # counts whose names happen to contain a hint
 
 
 class CtlError(Exception):
@@ -99,7 +100,8 @@ def _fmt(key: str, value: Any) -> str:
         return "yes" if value else "no"
     if value is None:
         return "-"
-    if isinstance(value, int) and any(h in key.lower() for h in HEX_HINTS):
+    if (isinstance(value, int) and any(h in key.lower() for h in HEX_HINTS)
+            and not key.lower().endswith(DECIMAL)):
         return f"{value:#x}"
     if isinstance(value, (list, tuple)):
         return ", ".join(_fmt(key, v) for v in value) or "-"
@@ -156,7 +158,7 @@ def _assignments(items: list[str]) -> dict[str, Any]:
 
 
 def _out_list(result, args):
-    return table(result, ["fid", "uid", "name", "type", "state", "attached", "socket"])
+    return table(result, ["fid", "uid", "name", "type", "state", "pid", "restarts", "attached", "socket"])
 
 
 def _out_remove(result, args):

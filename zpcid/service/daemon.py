@@ -1,4 +1,6 @@
-"""The zpcid service: many functions, each on its own socket, plus control, signals and metrics."""
+"""The zpcid service (the supervisor): configuration, the control socket, metrics, signals,
+sd_notify, and every function's listening socket; each function runs in its own worker
+process (``worker.py``, forked by ``zygote.py``; docs/isolation.md)."""
 
 from __future__ import annotations
 
@@ -10,7 +12,6 @@ import time
 from typing import Any
 
 import attrs
-import structlog
 import trio
 
 import zpcid
@@ -21,12 +22,14 @@ from zpcid.service import metrics
 from zpcid.service import runtime
 from zpcid.service.control import CommandError, ControlServer
 from zpcid.service.sdnotify import Notifier
-from zpcid.vfio_user.server import FunctionServer, SocketInUse, bind_unix
+from zpcid.service.supervisor import WorkerHandle, Zygote
+from zpcid.vfio_user.server import SocketInUse, bind_unix
 
 # Injected when `zpcictl inject-error` gives no --pec: "system error", which a
 # Linux guest answers with its generic error-recovery flow.
 DEFAULT_INJECT_PEC = ZPCI_PEC_SYSTEM_ERROR
 STATUS_INTERVAL = 1.0
+STOP_GRACE = 5.0  # beyond a release timeout, for the worker's answer
 
 
 class StartupError(Exception):
@@ -34,14 +37,14 @@ class StartupError(Exception):
 
 
 class Managed:
-    """A function the daemon serves, with its server task."""
+    """A function the daemon serves: its configuration, listening socket and worker."""
 
-    def __init__(self, config: cfg.FunctionConfig, function, server: FunctionServer, origin: str):
+    def __init__(self, config: cfg.FunctionConfig, listener, origin: str, daemon: "Daemon"):
         self.config = config
-        self.function = function
-        self.server = server
+        self.listener = listener  # owned here: the socket outlives every worker
         self.origin = origin  # "file" or "runtime" (zpcictl add)
-        self.state = "starting"
+        self.worker = WorkerHandle(daemon.zygote, config.fid, config.uid, self.init_args, listener)
+        self.socket_mode = daemon.config.daemon.socket_mode
         self.scope = trio.CancelScope()
         self.done = trio.Event()
 
@@ -49,10 +52,23 @@ class Managed:
     def fid(self) -> int:
         return self.config.fid
 
+    @property
+    def state(self) -> str:
+        return self.worker.state
+
+    @property
+    def attached(self) -> bool:
+        return self.worker.attached
+
+    def init_args(self) -> dict[str, Any]:
+        return {"function": attrs.asdict(self.config), "socket_mode": self.socket_mode}
+
     def summary(self) -> dict[str, Any]:
         return {"fid": self.fid, "uid": self.config.uid, "name": self.config.name,
-                "type": self.config.type, "state": self.state, "attached": self.server.attached,
-                "socket": self.config.socket, "origin": self.origin}
+                "type": self.config.type, "state": self.state, "attached": self.attached,
+                "socket": self.config.socket, "origin": self.origin,
+                "pid": self.worker.pid if self.state == "serving" else None,
+                "restarts": self.worker.restarts}
 
 
 class Daemon:
@@ -72,7 +88,9 @@ class Daemon:
         self._status = ""
         self.control = ControlServer(self._handlers(), lambda: self.config.daemon.admin_gid)
         self.registry = metrics.make_registry(
-            lambda: [(m.fid, m.function, m.server.attached) for m in list(self.functions.values())])
+            lambda: [(m.fid, m.worker.sample, m.worker.restarts) for m in list(self.functions.values())])
+        fmt, level = log.settings()
+        self.zygote = Zygote(fmt, level)
 
     # ------------------------------------------------------------------ main
     async def run(self) -> None:
@@ -90,6 +108,7 @@ class Daemon:
             try:
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
+                    await nursery.start(self.zygote.run)
                     nursery.start_soon(self._signals, signals)
                     control = self._bind(d.control_socket, d.control_mode, d.admin_gid, "control-socket")
                     unlink.append(d.control_socket)
@@ -100,13 +119,19 @@ class Daemon:
                         if d.metrics_listen.startswith("unix:"):
                             unlink.append(d.metrics_listen[5:])
                         nursery.start_soon(self._serve_listener, listener,
-                                           lambda s: metrics.serve_http(s, self.registry))
+                                           lambda s: metrics.serve_http(s, self.registry,
+                                                                        self.refresh_samples))
                         self.log.info("metrics_listening", address=d.metrics_listen)
-                    for fc in self.config.functions:
-                        try:
-                            await self._start(fc.create(), fc, "file")
-                        except cfg.ConfigError as exc:
-                            raise StartupError(str(exc)) from None
+                    try:
+                        for fc in self.config.functions:
+                            try:
+                                await self._start(fc, "file")
+                            except cfg.ConfigError as exc:
+                                raise StartupError(str(exc)) from None
+                    except BaseException:
+                        with trio.CancelScope(shield=True):
+                            await self._stop_all()
+                        raise
                     self.notifier.notify("READY=1", f"STATUS={self.status()}", f"MAINPID={os.getpid()}")
                     self.log.info("ready", functions=len(self.functions), pid=os.getpid())
                     if self.notifier.watchdog_usec:
@@ -115,6 +140,8 @@ class Daemon:
                     await self._stop.wait()
                     self.notifier.notify("STOPPING=1", "STATUS=stopping")
                     self.log.info("stopping", functions=len(self.functions))
+                    await self._stop_all()
+                    await self.zygote.aclose()
                     nursery.cancel_scope.cancel()
             finally:
                 for path in unlink:
@@ -189,86 +216,89 @@ class Daemon:
             await trio.sleep(STATUS_INTERVAL)
 
     def status(self) -> str:
-        attached = sum(m.server.attached for m in self.functions.values())
+        attached = sum(m.attached for m in self.functions.values())
         return f"serving {len(self.functions)} functions, {attached} attached"
 
     def stop(self) -> None:
         self._stop.set()
 
     # ------------------------------------------------------------------ functions
-    async def _start(self, function, fc: cfg.FunctionConfig, origin: str) -> Managed:
-        """Listen on the function's socket in its own task; raise ConfigError if it cannot."""
+    async def _start(self, fc: cfg.FunctionConfig, origin: str, listener=None) -> Managed:
+        """Listen on the function's socket and start its worker; ConfigError if either fails.
+
+        ``listener``: the socket of the function this one replaces (same path), kept open
+        so a VMM never finds the path missing.
+        """
         d = self.config.daemon
-        server = FunctionServer(function, fc.socket, mode=d.socket_mode)
         ids = {"fid": fc.fid, "uid": fc.uid}
-        server.log = server.log.bind(**ids)
-        function.log = function.log.bind(**ids)
-        managed = Managed(fc, function, server, origin)
-        try:
-            await self._nursery.start(self._run_function, managed)
-        except (SocketInUse, OSError) as exc:
-            function.close()
-            raise cfg.ConfigError(f"{fc.source}: {fc.where} key 'socket': {exc}") from None
-        if d.socket_gid is not None:
+        if listener is None:
             try:
-                os.chown(fc.socket, -1, d.socket_gid)
-            except OSError as exc:
-                self.log.warning("socket_chown_failed", socket=fc.socket, error=str(exc), **ids)
+                listener = bind_unix(fc.socket, d.socket_mode)
+            except (SocketInUse, OSError) as exc:
+                raise cfg.ConfigError(f"{fc.source}: {fc.where} key 'socket': {exc}") from None
+            if d.socket_gid is not None:
+                try:
+                    os.chown(fc.socket, -1, d.socket_gid)
+                except OSError as exc:
+                    self.log.warning("socket_chown_failed", socket=fc.socket, error=str(exc), **ids)
+        m = Managed(fc, listener, origin, self)
+        try:
+            await self._nursery.start(self._run_function, m)
+        except CommandError as exc:
+            self._close_listener(m)
+            raise cfg.ConfigError(exc.message) from None
         self.log.info("function_started", name=fc.name, type=fc.type, socket=fc.socket,
-                      origin=origin, **ids)
-        return managed
+                      origin=origin, pid=m.worker.pid, **ids)
+        return m
 
     async def _run_function(self, m: Managed, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        started = False
-
-        def on_started(value=None):
-            nonlocal started
-            started = True
-            m.state = "serving"
-            self.functions[m.fid] = m
-            task_status.started(value)
-
-        ids = {"fid": m.fid, "uid": m.config.uid}
-        # Every task this function's server spawns (sessions, endpoint) inherits
-        # these, so all of its log events carry fid and uid.
-        structlog.contextvars.bind_contextvars(**ids)
         try:
             with m.scope:
-                await m.server.serve(task_status=_Status(on_started))
-        except Exception as exc:
-            if not started:
-                raise
-            # One function failing must not take the others down.
-            m.state = "failed"
-            self.log.exception("function_failed", error=f"{type(exc).__name__}: {exc}", **ids)
+                await m.worker.run(task_status=_Status(lambda value=None: self._serving(m, task_status)))
         finally:
             if self.functions.get(m.fid) is m:
                 del self.functions[m.fid]
-            if started:
-                try:
-                    m.function.close()
-                except Exception:
-                    self.log.exception("function_close_failed", **ids)
-                self.log.info("function_stopped", **ids)
             m.done.set()
 
-    async def _stop_function(self, m: Managed, timeout: float, force: bool = False) -> dict[str, Any]:
+    def _serving(self, m: Managed, task_status) -> None:
+        self.functions[m.fid] = m
+        task_status.started(m)
+
+    def _close_listener(self, m: Managed) -> None:
+        m.listener.close()
+        _unlink_socket(m.config.socket)
+
+    async def _stop_function(self, m: Managed, timeout: float, force: bool = False,
+                             keep_listener: bool = False) -> dict[str, Any]:
         """Remove a function; an attached VMM gets the REQ IRQ and ``timeout`` seconds."""
-        was_attached = m.server.attached
-        released = True
-        m.state = "stopping"
-        if was_attached:
-            if force:
-                m.server.force_detach()
-                released = False
-            else:
-                released = await m.server.request_release(timeout)
+        was_attached, released = m.attached, True
+        try:
+            result = await m.worker.call("release", {"timeout": timeout, "force": force},
+                                         timeout=timeout + STOP_GRACE)
+            was_attached, released = result["was_attached"], result["released"]
+        except CommandError as exc:
+            self.log.warning("release_failed", fid=m.fid, uid=m.config.uid, error=exc.message)
+        await m.worker.stop()
         m.scope.cancel()
         await m.done.wait()
         if self.functions.get(m.fid) is m:
             del self.functions[m.fid]
+        if not keep_listener:
+            self._close_listener(m)
+        self.log.info("function_stopped", fid=m.fid, uid=m.config.uid)
         return {"fid": m.fid, "was_attached": was_attached, "released": released,
                 "forced": was_attached and not released}
+
+    async def _stop_all(self) -> None:
+        async with trio.open_nursery() as nursery:
+            for m in list(self.functions.values()):
+                nursery.start_soon(self._stop_function, m, 0, True)
+
+    async def refresh_samples(self) -> None:
+        """Every worker's metrics sample, asked in parallel (a silent worker keeps its last)."""
+        async with trio.open_nursery() as nursery:
+            for m in list(self.functions.values()):
+                nursery.start_soon(m.worker.refresh_sample)
 
     def _get(self, args: dict[str, Any]) -> Managed:
         fid = args.get("fid")
@@ -321,17 +351,18 @@ class Daemon:
         keep = [m.config for fid, m in self.functions.items() if fid not in stop]
         cfg.check_unique(keep + start, new.source)
         self._check_daemon_change(new.daemon)
-        created = []
-        try:
-            for fc in start:
-                created.append((fc.create(), fc))
-        except cfg.ConfigError:
-            for function, _ in created:
-                function.close()
-            raise
+        for fc in start:
+            # Built (and released) here so a bad entry refuses the whole file before anything stops.
+            fc.create().close()
         timeout = new.daemon.release_timeout
+        kept: dict[int, Any] = {}  # fid -> listening socket handed to the replacement
+        new_sockets = {fc.fid: fc.socket for fc in start}
         for fid in sorted(stop):
-            await self._stop_function(self.functions[fid], timeout)
+            m = self.functions[fid]
+            keep = new_sockets.get(fid) == m.config.socket
+            await self._stop_function(m, timeout, keep_listener=keep)
+            if keep:
+                kept[fid] = m.listener
         self.config = attrs.evolve(new, daemon=attrs.evolve(
             new.daemon, runtime_dir=self.config.daemon.runtime_dir,
             control_socket=self.config.daemon.control_socket,
@@ -339,9 +370,9 @@ class Daemon:
             log_format=self.config.daemon.log_format, log_level=self.config.daemon.log_level,
             admin_gid=self.config.daemon.admin_gid, control_mode=self.config.daemon.control_mode))
         failed = []
-        for function, fc in created:
+        for fc in start:
             try:
-                await self._start(function, fc, "file")
+                await self._start(fc, "file", kept.pop(fc.fid, None))
             except cfg.ConfigError as exc:
                 failed.append(fc.fid)
                 self.log.error("function_start_failed", error=str(exc), fid=fc.fid)
@@ -378,43 +409,28 @@ class Daemon:
 
     async def cmd_show(self, args):
         m = self._get(args)
-        info = dict(m.function.describe())
-        info |= {"state": m.state, "attached": m.server.attached, "socket": m.config.socket,
-                 "origin": m.origin, "refused_clients": m.server.refused, "config": m.config.entry()}
+        info = await m.worker.call("show")
+        info |= {"state": m.state, "attached": info.get("attached", m.attached),
+                 "socket": m.config.socket, "origin": m.origin, "config": m.config.entry(),
+                 "pid": m.worker.pid, "restarts": m.worker.restarts}
         return info
 
-    def _zpci_call(self, m: Managed, method: str, command: str):
-        fn = getattr(m.function, method, None)
-        if fn is None:
-            raise CommandError("not-supported", f"'{command}' is not supported by this function "
-                                                f"(fid {m.fid:#x}, type {m.config.type})")
-        return fn
-
     async def cmd_mappings(self, args):
-        m = self._get(args)
-        return self._zpci_call(m, "zpci_mappings", "mappings")()
+        return await self._get(args).worker.call("mappings")
 
     async def cmd_events(self, args):
-        m = self._get(args)
-        return self._zpci_call(m, "zpci_events", "events")(clear=bool(args.get("clear", False)))
+        return await self._get(args).worker.call("events", {"clear": bool(args.get("clear", False))})
 
     async def cmd_inject_error(self, args):
         m = self._get(args)
         pec = args.get("pec", DEFAULT_INJECT_PEC)
         if not isinstance(pec, int) or isinstance(pec, bool) or not 0 <= pec <= 0xFFFF:
             raise CommandError("invalid", "pec must be an integer in [0, 0xffff]")
-        inject = self._zpci_call(m, "inject_error", "inject-error")
-        try:
-            result = inject(pec)
-        except ValueError as exc:
-            raise CommandError("invalid", str(exc)) from None
-        m.server.log.info("error_injected", pec=hex(pec))
-        return result
+        return await m.worker.call("inject-error", {"pec": pec})
 
     async def cmd_reset(self, args):
         m = self._get(args)
-        await m.function.reset()
-        m.server.log.info("reset_by_control")
+        await m.worker.call("reset")
         return {"fid": m.fid, "reset": True}
 
     async def cmd_add(self, args):
@@ -427,7 +443,7 @@ class Daemon:
                 if fc.fid in self.functions:
                     raise cfg.ConfigError(f"add: fid {fc.fid:#x} is already served")
                 cfg.check_unique([m.config for m in self.functions.values()] + [fc], "add")
-                m = await self._start(fc.create(), fc, "runtime")
+                m = await self._start(fc, "runtime")
             except cfg.ConfigError as exc:
                 raise CommandError("invalid", str(exc)) from None
         return m.summary()
@@ -438,7 +454,7 @@ class Daemon:
             raise CommandError("invalid", "timeout must be seconds in [0, 3600]")
         async with self._lock:
             m = self._get(args)
-            self.log.info("function_remove", fid=m.fid, attached=m.server.attached, timeout=timeout)
+            self.log.info("function_remove", fid=m.fid, attached=m.attached, timeout=timeout)
             return await self._stop_function(m, timeout, force=bool(args.get("force", False)))
 
     async def cmd_set(self, args):
@@ -447,10 +463,9 @@ class Daemon:
             raise CommandError("bad-request", "expected 'properties': an object of KEY: VALUE")
         async with self._lock:
             m = self._get(args)
-            if m.server.attached:
+            if m.attached:
                 raise CommandError("busy", f"fid {m.fid:#x} has a VMM attached; properties can "
                                            "only change while it is detached")
-            setter = self._zpci_call(m, "set_property", "set")
             fields = {}
             for key, value in props.items():
                 field = cfg.ZPCI_KEYS.get(key)
@@ -467,31 +482,25 @@ class Daemon:
                                  "set")
             except cfg.ConfigError as exc:
                 raise CommandError("invalid", str(exc)) from None
-            for field, value in fields.items():
-                try:
-                    setter(field, value)
-                except RuntimeError as exc:  # attached meanwhile
-                    raise CommandError("busy", str(exc)) from None
-                except (ValueError, TypeError, KeyError) as exc:
-                    msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-                    raise CommandError("invalid", f"key '{field.replace('_', '-')}': {msg}") from None
-            m.config = new
-            m.server.log.info("properties_set", **{k: v for k, v in fields.items()})
+            await m.worker.call("set", {"fields": fields})
+            m.config = new  # a restarted worker is built with the new properties
             return {"fid": m.fid, "set": {k.replace("_", "-"): v for k, v in fields.items()}}
 
     async def cmd_stats(self, args):
+        await self.refresh_samples()
         totals: dict[str, int] = {}
         errors: dict[str, int] = {}
         for m in self.functions.values():
-            c = m.function.counters
+            sample = m.worker.sample or {"counters": {}, "errors": {}}
             for field in metrics.COUNTERS:
-                totals[field] = totals.get(field, 0) + getattr(c, field, 0)
-            for kind, n in c.errors.items():
-                errors[str(kind)] = errors.get(str(kind), 0) + n
+                totals[field] = totals.get(field, 0) + sample["counters"].get(field, 0)
+            for kind, n in sample["errors"].items():
+                errors[kind] = errors.get(kind, 0) + n
         return {"version": zpcid.__version__, "pid": os.getpid(),
                 "uptime_seconds": round(time.time() - self.started, 3),
                 "functions": len(self.functions),
-                "attached": sum(m.server.attached for m in self.functions.values()),
+                "attached": sum(m.attached for m in self.functions.values()),
+                "worker_restarts": sum(m.worker.restarts for m in self.functions.values()),
                 "control_requests": self.control.requests, "control_refused": self.control.refused,
                 "reloads": self.reloads, "reload_failures": self.reload_failures,
                 "counters": totals, "errors": errors}
@@ -501,6 +510,7 @@ class Daemon:
                 "trio": trio.__version__, "pid": os.getpid()}
 
     async def cmd_metrics(self, args):
+        await self.refresh_samples()
         return {"text": metrics.render(self.registry)}
 
     async def cmd_reload(self, args):

@@ -27,6 +27,8 @@ COUNTERS = {
     "dma_bytes_written": ("zpcid_dma_written_bytes", "Bytes the device wrote to guest memory by DMA"),
     "interrupts": ("zpcid_interrupts", "Interrupts signalled to the VMM"),
     "attaches": ("zpcid_attaches", "VMM clients that attached to the function"),
+    "vfio_dma_maps": ("zpcid_vfio_dma_maps", "DMA_MAP requests that added a client DMA mapping"),
+    "vfio_dma_unmaps": ("zpcid_vfio_dma_unmaps", "Client DMA mappings removed by DMA_UNMAP"),
 }
 
 
@@ -34,10 +36,39 @@ def fid_label(fid: int) -> str:
     return f"{fid:#x}"
 
 
-class FunctionCollector:
-    """Custom collector: ``entries()`` yields (fid, function, attached) at scrape time."""
+def sample(function, attached: bool) -> dict:
+    """What a worker reports for its function at scrape time (JSON-serialisable)."""
+    zpci = {}
+    try:
+        zpci = function.describe().get("zpci", {})
+    except Exception:  # a scrape must not fail because one function misbehaves
+        log.get("zpcid.service.metrics").exception("describe_failed")
+    c = function.counters
+    return {"attached": attached,
+            "counters": {field: getattr(c, field, 0) for field in COUNTERS},
+            "errors": {str(kind): n for kind, n in c.errors.items()},
+            "shadow_mappings": zpci.get("shadow_mappings", 0) or 0,
+            "dma_limit_remaining": zpci.get("dma_limit_remaining")}
 
-    def __init__(self, entries: Callable[[], Iterable[tuple[int, object, bool]]]):
+
+def valid_sample(s) -> bool:
+    """A worker's sample has the shape :func:`sample` gives (workers are not trusted blindly)."""
+    def count(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+    try:
+        return (isinstance(s["attached"], bool) and count(s["shadow_mappings"])
+                and (s["dma_limit_remaining"] is None or count(s["dma_limit_remaining"]))
+                and all(k in COUNTERS and count(v) for k, v in s["counters"].items())
+                and all(isinstance(k, str) and count(v) for k, v in s["errors"].items()))
+    except (KeyError, TypeError, AttributeError):
+        return False
+
+
+class FunctionCollector:
+    """Custom collector: ``entries()`` yields (fid, sample, restarts) at scrape time,
+    ``sample`` as made by :func:`sample` in the function's worker (None: not known yet)."""
+
+    def __init__(self, entries: Callable[[], Iterable[tuple[int, dict | None, int]]]):
         self.entries = entries
         self.started = time.time()
 
@@ -55,28 +86,28 @@ class FunctionCollector:
         counters = {f: CounterMetricFamily(name, help_, labels=["fid"])
                     for f, (name, help_) in COUNTERS.items()}
         errors = CounterMetricFamily("zpcid_errors", "Errors by kind", labels=["fid", "kind"])
-        for fid, function, is_attached in rows:
+        restarts = CounterMetricFamily("zpcid_worker_restarts",
+                                       "Times the function's worker process died and was restarted",
+                                       labels=["fid"])
+        for fid, s, n_restarts in rows:
             label = fid_label(fid)
-            attached.add_metric([label], 1 if is_attached else 0)
-            try:
-                info = function.describe()
-            except Exception:  # a scrape must not fail because one function misbehaves
-                log.get("zpcid.service.metrics").exception("describe_failed", fid=label)
-                info = {}
-            zpci = info.get("zpci", {})
-            shadow.add_metric([label], zpci.get("shadow_mappings", 0) or 0)
-            if zpci.get("dma_limit_remaining") is not None:
-                remaining.add_metric([label], zpci["dma_limit_remaining"])
-            c = function.counters
+            restarts.add_metric([label], n_restarts)
+            if s is None:
+                continue
+            attached.add_metric([label], 1 if s["attached"] else 0)
+            shadow.add_metric([label], s["shadow_mappings"])
+            if s.get("dma_limit_remaining") is not None:
+                remaining.add_metric([label], s["dma_limit_remaining"])
             for field, family in counters.items():
-                family.add_metric([label], getattr(c, field, 0))
-            for kind, n in sorted(c.errors.items()):
-                errors.add_metric([label, str(kind)], n)
+                family.add_metric([label], s["counters"].get(field, 0))
+            for kind, n in sorted(s["errors"].items()):
+                errors.add_metric([label, kind], n)
         yield attached
         yield shadow
         yield remaining
         yield from counters.values()
         yield errors
+        yield restarts
 
 
 def make_registry(entries) -> CollectorRegistry:
@@ -96,18 +127,21 @@ REQUEST_TIMEOUT = 5.0
 PATHS = ("/", "/metrics")
 
 
-async def serve_http(listener: trio.socket.SocketType, registry: CollectorRegistry) -> None:
+async def serve_http(listener: trio.socket.SocketType, registry: CollectorRegistry,
+                     refresh=None) -> None:
     """Serve ``GET /metrics`` on ``listener`` in the event loop (the stock server
-    runs a thread, which would read the counters while trio changes them).
+    runs a thread, which would read the counters while trio changes them);
+    ``await refresh()`` (if given) brings the workers' samples up to date first.
 
     h11 parses HTTP; prometheus_client's WSGI app does the exposition (content
     negotiation, OpenMetrics, gzip, ``name[]`` filters).
     """
     app = make_wsgi_app(registry)
-    await trio.serve_listeners(functools.partial(_answer, app=app), [trio.SocketListener(listener)])
+    await trio.serve_listeners(functools.partial(_answer, app=app, refresh=refresh),
+                               [trio.SocketListener(listener)])
 
 
-async def _answer(stream: trio.SocketStream, app) -> None:
+async def _answer(stream: trio.SocketStream, app, refresh=None) -> None:
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST)
     async with stream:
         with trio.move_on_after(REQUEST_TIMEOUT):
@@ -121,6 +155,8 @@ async def _answer(stream: trio.SocketStream, app) -> None:
             if request is None and conn.their_state is not h11.ERROR:
                 return  # the client hung up before a whole request
             if request is not None:
+                if refresh is not None and request.target.partition(b"?")[0].decode("latin-1") in PATHS:
+                    await refresh()
                 status, headers, body = _respond(app, request)
             headers = [*headers, ("Content-Length", str(len(body))), ("Connection", "close")]
             reason = _REASONS.get(status, b"")

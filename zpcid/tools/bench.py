@@ -30,6 +30,7 @@ from zpcid.vmm import client as vclient
 from zpcid import log
 from protocol.zpci import region as Zr
 from zpcid.devices import dma_engine as D
+from zpcid.vmm.dma_engine_driver import Driver
 from zpcid.vfio_user.memfd import Memfd
 from zpcid.vmm.model import attach
 
@@ -348,7 +349,7 @@ async def bench_direct_map(path: str, rep: Report, raw_rtt: float, quick: bool) 
 
 
 async def _copy(vmm, src: int, dst: int, n: int) -> None:
-    st = await D.Driver(vmm.client, irq_fd=vmm.msix_fds[0], vector=0).run(D.OP_COPY, src, dst, n)
+    st = await Driver(vmm.client, irq_fd=vmm.msix_fds[0], vector=0).run(D.OP_COPY, src, dst, n)
     if not st & D.STATUS_DONE or st & D.STATUS_ERROR:
         raise RuntimeError(f"dma-engine copy failed: status {st:#x}")
 
@@ -449,6 +450,9 @@ def run(quick: bool = False, as_json: bool = False, quiet: bool = False) -> int:
         finally:
             proc.terminate()
             proc.wait(10)
+    from zpcid.tools import bench_isolation  # the whole daemon: supervisor, zygote, workers
+
+    bench_isolation.run(rep, quick)
     rep.progress("")
     if not quiet and rep.tty:
         sys.stderr.write("\r\033[K")

@@ -21,6 +21,7 @@ from zpcid import log
 from protocol.zpci import region as Zr
 from crc32c import crc32c
 from zpcid.devices import dma_engine as D
+from zpcid.vmm.dma_engine_driver import Driver
 from zpcid.zpci.properties import ZpciProperties
 from zpcid.vfio_user.server import FunctionServer
 from zpcid.vmm.model import attach
@@ -57,7 +58,7 @@ class Steps:
 
 
 async def _dma(vmm, op, src, dst, length, pattern=0) -> tuple[bool, int]:
-    st = await D.Driver(vmm.client).run(op, src, dst, length, pattern)
+    st = await Driver(vmm.client).run(op, src, dst, length, pattern)
     return bool(st & D.STATUS_DONE and not st & D.STATUS_ERROR), st
 
 

@@ -21,30 +21,38 @@ from typing import Awaitable, Callable, Protocol
 
 import attrs
 
+from protocol.errors import ErrnoError
 from zpcid import log
 from zpcid.snapshot import Fd, Snapshot, SnapshotError, expect, require
 from zpcid.vfio_user.memfd import cannot_shrink
 
 PAGE = 4096
+# Distinct files one client may DMA-map (QEMU uses one per RAM block): each
+# costs a descriptor, and a function's descriptors must not run out.
+MAX_DMA_FILES = 512
 # Largest read-only view copied out of a file reached by pread (table walks
 # split larger spans themselves).
 MAX_COPIED_VIEW = 1 << 20
 _log = log.get("zpcid.vfio_user.dma")
 
 
-class DmaError(Exception):
+class DmaError(ErrnoError):
     """A DMA map request that cannot be honoured; carries the errno for the reply."""
 
     def __init__(self, message: str, errno_: int = errno.EINVAL):
-        super().__init__(message)
-        self.errno = errno_
+        super().__init__(message, errno_)
 
 
-class DmaFault(Exception):
-    """An access outside mapped memory or against its permissions."""
+class DmaFault(ErrnoError):
+    """An access outside mapped memory or against its permissions (EFAULT).
 
-    def __init__(self, addr: int, length: int, write: bool, reason: str):
-        super().__init__(f"DMA {'write' if write else 'read'} {addr:#x}+{length:#x}: {reason}")
+    ``client_gone``: a message-mode access failed because the client left.
+    """
+
+    def __init__(self, addr: int, length: int, write: bool, reason: str, *, client_gone: bool = False):
+        super().__init__(f"DMA {'write' if write else 'read'} {addr:#x}+{length:#x}: {reason}",
+                         errno.EFAULT)
+        self.client_gone = client_gone
         self.addr = addr
         self.length = length
         self.write = write
@@ -204,11 +212,12 @@ class DmaSpace:
 
     def views(self, addr: int, length: int, write: bool) -> list[memoryview] | None:
         """Memoryviews covering the range, one per mapping it crosses; None if a piece
-        is only reachable through DMA messages; DmaFault if a piece is not mapped."""
+        is reachable only through DMA messages or pread/pwrite; DmaFault if a piece is
+        not mapped."""
         out = []
         for r, a, n in self.segments(addr, length, write):
-            if r.file is None:
-                return None
+            if r.file is None or r.file.mm is None:
+                return None  # (a file the client could shrink is never mapped)
             off = r.mm_offset + (a - r.iova)
             out.append(memoryview(r.file.mm)[off : off + n])
         return out
@@ -272,6 +281,8 @@ class DmaSpace:
             if fm is not None:
                 return fm
             start, length = offset, (size + PAGE - 1) & ~(PAGE - 1)
+        if len(self._files) >= MAX_DMA_FILES:
+            raise DmaError(f"DMA maps reference more than {MAX_DMA_FILES} distinct files", errno.ENOSPC)
         if not cannot_shrink(fd):
             # Policy (docs/reliability.md): a file the client could truncate under
             # us is never mapped; touching a page past its new end would be SIGBUS.

@@ -8,16 +8,18 @@ from typing import Callable, Sequence
 
 import attrs
 
+from protocol.errors import ErrnoError
 from protocol.vfio_user import consts as C
 from protocol.vfio_user.messages import IrqSet
 from zpcid.snapshot import Fd, Snapshot, expect, require
 from zpcid.vfio_user.transport import close_fds
 
 
-class IrqError(Exception):
+class IrqError(ErrnoError):
+    """A DEVICE_SET_IRQS / GET_IRQ_INFO request that cannot be honoured."""
+
     def __init__(self, message: str, errno_: int = errno.EINVAL):
-        super().__init__(message)
-        self.errno = errno_
+        super().__init__(message, errno_)
 
 
 def signal_eventfd(fd: int) -> None:

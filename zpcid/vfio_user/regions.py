@@ -2,22 +2,25 @@
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 from typing import Awaitable, Callable
 
 import attrs
 
+from protocol.errors import ErrnoError
 from protocol.vfio_user import consts as C
 from protocol.vfio_user.messages import RegionCap, SparseMmapCap
 from zpcid.snapshot import Fd, Snapshot, expect, require
 from zpcid.vfio_user.memfd import cannot_shrink, sealed_memfd
 
 
-class RegionError(Exception):
-    def __init__(self, message: str, errno_: int = 22):
-        super().__init__(message)
-        self.errno = errno_
+class RegionError(ErrnoError):
+    """A region access or query that cannot be honoured."""
+
+    def __init__(self, message: str, errno_: int = errno.EINVAL):
+        super().__init__(message, errno_)
 
 
 class Region:

@@ -10,13 +10,37 @@ import stat
 import trio
 
 from protocol.vfio_user.header import HEADER_SIZE, Header, error_reply
-from protocol.vfio_user import consts as C
 from zpcid import log
 from zpcid.vfio_user.endpoint import Endpoint
 from zpcid.vfio_user.transport import SocketTransport, close_fds
 
 REFUSE_TIMEOUT = 2.0
 HANDOVER_TIMEOUT = 0.5
+# Connections beyond the attached one that are answered EBUSY at the same time;
+# more are closed at once (a flood must not hold descriptors).
+MAX_PENDING_REFUSALS = 8
+# accept() failing for lack of resources (EMFILE, ENFILE, ...): wait and retry,
+# the listener stays.
+ACCEPT_BACKOFF = (0.01, 1.0)
+_ACCEPT_RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
+async def accept(sock, log) -> trio.socket.SocketType:
+    """``sock.accept()``, backing off (and logging once per streak) while the process
+    or system is out of descriptors or memory."""
+    delay = ACCEPT_BACKOFF[0]
+    while True:
+        try:
+            conn, _ = await sock.accept()
+            return conn
+        except OSError as exc:
+            if exc.errno not in _ACCEPT_RESOURCE_ERRNOS:
+                raise
+            if delay == ACCEPT_BACKOFF[0]:
+                log.warning("accept_failed", error=errno.errorcode.get(exc.errno, str(exc.errno)),
+                            action="retrying")
+            await trio.sleep(delay)
+            delay = min(delay * 2, ACCEPT_BACKOFF[1])
 
 
 class SocketInUse(Exception):
@@ -60,7 +84,11 @@ def bind_unix(path: str, mode: int = 0o600, backlog: int = 16) -> trio.socket.So
 class FunctionServer:
     """Listens on a function's socket and runs one ``Endpoint`` at a time."""
 
-    def __init__(self, function, path: str, *, mode: int = 0o600):
+    def __init__(self, function, path: str, *, mode: int = 0o600,
+                 listener: trio.socket.SocketType | None = None, on_attached=None):
+        """``listener``: an already listening socket someone else owns (the supervisor
+        keeps the path and the socket across worker restarts); ``on_attached(bool)`` is
+        told of every attach and detach."""
         self.function = function
         self.path = path
         self.mode = mode
@@ -69,31 +97,40 @@ class FunctionServer:
         self.log = log.get("zpcid.vfio_user.server", function=function.name)
         self._session_scope: trio.CancelScope | None = None
         self._detached = trio.Event()
-        self._listener: trio.socket.SocketType | None = None
+        self._listener = listener
+        self._owns_listener = listener is None
+        self._on_attached = on_attached or (lambda attached: None)
+        self._pending_refusals = 0
 
     @property
     def attached(self) -> bool:
         return self.endpoint is not None
 
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        self._listener = sock = bind_unix(self.path, self.mode)
+        if self._owns_listener:
+            self._listener = bind_unix(self.path, self.mode)
+        sock = self._listener
         self.log.info("listening", socket=self.path)
         try:
             async with trio.open_nursery() as nursery:
                 task_status.started(self)
                 while True:
-                    conn, _ = await sock.accept()
-                    if self.endpoint is not None:
-                        nursery.start_soon(self._wait_or_refuse, conn, nursery)
-                    else:
+                    conn = await accept(sock, self.log)
+                    if self.endpoint is None:
                         self._start_session(conn, nursery)
+                    elif self._pending_refusals >= MAX_PENDING_REFUSALS:
+                        self.refused += 1
+                        conn.close()  # a flood: no answer, no descriptor held
+                    else:
+                        nursery.start_soon(self._wait_or_refuse, conn, nursery)
         finally:
-            sock.close()
-            try:
-                if stat.S_ISSOCK(os.lstat(self.path).st_mode):
-                    os.unlink(self.path)
-            except FileNotFoundError:
-                pass
+            if self._owns_listener:
+                sock.close()
+                try:
+                    if stat.S_ISSOCK(os.lstat(self.path).st_mode):
+                        os.unlink(self.path)
+                except FileNotFoundError:
+                    pass
             if self.endpoint is None:
                 self._detached.set()
 
@@ -106,17 +143,22 @@ class FunctionServer:
     async def _wait_or_refuse(self, conn, nursery) -> None:
         """A VMM that reconnects right after hanging up may beat the old session's
         teardown: give that a moment before answering EBUSY."""
-        with trio.move_on_after(HANDOVER_TIMEOUT):
-            while self.endpoint is not None:
-                await self._detached.wait()
-        if self.endpoint is None:
-            self._start_session(conn, nursery)
-        else:
-            await self._refuse(conn)
+        self._pending_refusals += 1
+        try:
+            with trio.move_on_after(HANDOVER_TIMEOUT):
+                while self.endpoint is not None:
+                    await self._detached.wait()
+            if self.endpoint is None:
+                self._start_session(conn, nursery)
+            else:
+                await self._refuse(conn)
+        finally:
+            self._pending_refusals -= 1
 
     async def _session(self, endpoint: Endpoint) -> None:
         self.function.attach(endpoint)
         self.log.info("attach", socket=self.path)
+        self._on_attached(True)
         try:
             with trio.CancelScope() as scope:
                 self._session_scope = scope
@@ -137,6 +179,7 @@ class FunctionServer:
                 self.function.detach()
             self.endpoint = None
             self._detached.set()
+            self._on_attached(False)
             self.log.info("detach", messages=endpoint.stats.messages, errors=endpoint.stats.errors)
 
     async def _refuse(self, conn: trio.socket.SocketType) -> None:
@@ -167,10 +210,7 @@ class FunctionServer:
         """
         if self.endpoint is None:
             return True
-        # zPCI: the guest learns through a "deconfiguration requested" event;
-        # vfio-user: the VMM through its REQ eventfd.
-        self.function.zpci.availability(0x0303, "removal requested")
-        if not self.function.irqs.signal(C.VFIO_PCI_REQ_IRQ_INDEX):
+        if not self.function.release_requested():
             timeout = 0  # the VMM installed no REQ eventfd: nobody would hear the request
         self.log.info("release_requested", timeout=timeout)
         with trio.move_on_after(timeout):

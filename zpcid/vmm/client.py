@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import itertools
 import mmap
 import os
 from typing import AsyncIterator, Sequence
@@ -17,11 +16,12 @@ from typing import AsyncIterator, Sequence
 import attrs
 import trio
 
+from protocol.errors import ErrnoError, ProtocolError
 from protocol.vfio_user import consts as C
 from protocol.vfio_user import messages as M
-from protocol.errors import ProtocolError
-from protocol.vfio_user.framing import Framer, Message
-from protocol.vfio_user.header import HEADER_SIZE, Command, Flags, pack_header, error_reply
+from protocol.vfio_user.connection import Connection, Reply, Request, Role, State
+from protocol.vfio_user.framing import Message
+from protocol.vfio_user.header import Command
 from zpcid.vfio_user.transport import SocketTransport, close_fds
 
 REPLY_TIMEOUT = 5.0
@@ -32,14 +32,13 @@ CLIENT_CAPS = M.Capabilities(
 )
 
 
-class VfioUserError(Exception):
+class VfioUserError(ErrnoError):
     """The server answered with an error reply."""
 
     def __init__(self, cmd: int, errno_: int):
         name = errno.errorcode.get(errno_, str(errno_))
-        super().__init__(f"{Command(cmd).name if cmd in Command._value2member_map_ else cmd}: {name}")
+        super().__init__(f"{Command(cmd).name if cmd in Command._value2member_map_ else cmd}: {name}", errno_)
         self.cmd = cmd
-        self.errno = errno_
 
 
 @attrs.define
@@ -64,28 +63,48 @@ class ClientMemory:
     writable: bool = True
 
 
+class _Waiter:
+    """One of our requests awaiting its reply (the connection's reply token)."""
+
+    __slots__ = ("event", "reply")
+
+    def __init__(self) -> None:
+        self.event = trio.Event()
+        self.reply: Message | None = None
+
+
 @attrs.define
 class PendingReply:
-    """A command sent without waiting; ``waiter`` is [event, reply message]."""
+    """A command sent without waiting; collect it with ``Client.wait_reply``."""
 
     msg_id: int
     cmd: int
-    waiter: list
+    waiter: _Waiter
 
 
 class Client:
-    def __init__(self, transport: SocketTransport):
+    """The VMM side of one connection; the session rules are ``Connection``'s."""
+
+    def __init__(self, transport: SocketTransport, caps: M.Capabilities = CLIENT_CAPS):
         self.transport = transport
-        self.framer = Framer()
-        self.server_caps: M.Capabilities | None = None
-        self.server_version: tuple[int, int] | None = None
-        self._ids = itertools.count(1)
-        self._pending: dict[int, list] = {}
+        self.conn = Connection(Role.CLIENT, caps)
         self.regions: dict[int, RegionMap] = {}
         self.memory: list[ClientMemory] = []
         self.dma_requests = 0
-        self.unexpected = 0
         self._eof = trio.Event()
+
+    @property
+    def server_caps(self) -> M.Capabilities | None:
+        return self.conn.peer_caps
+
+    @property
+    def server_version(self) -> tuple[int, int] | None:
+        return self.conn.version
+
+    @property
+    def unexpected(self) -> int:
+        """Replies that answered nothing we were waiting for."""
+        return self.conn.stray_replies
 
     # ------------------------------------------------------------------ plumbing
     async def _reader(self) -> None:
@@ -95,61 +114,51 @@ class Client:
                 if not data:
                     close_fds(fds)
                     return
-                for msg in self.framer.feed(data, fds):
-                    if msg.header.flags & Flags.TYPE_MASK == Flags.REPLY or msg.header.is_error:
-                        waiter = self._pending.get(msg.header.msg_id)
-                        if waiter is None:
-                            self.unexpected += 1
-                            close_fds(msg.fds)
-                            continue
-                        waiter[1] = msg
-                        waiter[0].set()
+                for ev in self.conn.receive_data(data, fds):
+                    if type(ev) is Reply:
+                        ev.token.reply = ev.msg
+                        ev.token.event.set()
+                    elif type(ev) is Request:
+                        await self._serve(ev.msg)
                     else:
-                        await self._serve(msg)
+                        close_fds(ev.msg.fds)
         except (ProtocolError, OSError):
             return
         finally:
             self._eof.set()
-            for waiter in self._pending.values():
-                waiter[0].set()
+            for waiter in self.conn.close():
+                waiter.event.set()
+
+    async def _send_request(self, cmd: int, payload: bytes, fds: Sequence[int], *,
+                            no_reply: bool = False, minor: int = 0) -> PendingReply:
+        if self.conn.state is State.CLOSED:
+            raise ConnectionError("server closed the connection")
+        waiter = _Waiter()
+        if cmd == Command.VERSION:
+            msg_id, data = self.conn.version_request(minor, token=waiter)
+        else:
+            msg_id, data = self.conn.send_request(cmd, payload, no_reply=no_reply, token=waiter)
+        try:
+            await self.transport.send([data], fds)
+        except BaseException:
+            self.conn.forget(msg_id)
+            raise
+        return PendingReply(msg_id, cmd, waiter)
 
     async def request(self, cmd: int, payload: bytes = b"", fds: Sequence[int] = (),
                       *, no_reply: bool = False, timeout: float = REPLY_TIMEOUT) -> Message | None:
         """Send a command; return its reply (raise VfioUserError on an error reply)."""
-        msg_id = next(self._ids) & 0xFFFF
-        flags = Flags.NO_REPLY if no_reply else 0
-        header = pack_header(msg_id, cmd, len(payload), flags)
+        pending = await self._send_request(cmd, payload, fds, no_reply=no_reply)
         if no_reply:
-            await self.transport.send([header + payload], fds)
             return None
-        waiter = [trio.Event(), None]
-        self._pending[msg_id] = waiter
-        try:
-            await self.transport.send([header + payload], fds)
-            with trio.fail_after(timeout):
-                await waiter[0].wait()
-        finally:
-            self._pending.pop(msg_id, None)
-        reply: Message | None = waiter[1]
-        if reply is None:
-            raise ConnectionError("server closed the connection")
-        if reply.header.is_error:
-            close_fds(reply.fds)
-            raise VfioUserError(cmd, reply.header.error_no)
-        return reply
+        return await self.wait_reply(pending, timeout)
 
-    async def negotiate(self, caps: M.Capabilities = CLIENT_CAPS, minor: int = 0) -> M.Version:
-        # The server may send DMA_WRITE requests as large as we advertise.
-        self.framer.max_msg_size = max(self.framer.max_msg_size,
-                                       HEADER_SIZE + 64 + caps.max_data_xfer_size)
-        reply = await self.request(Command.VERSION, M.Version(0, minor, caps).pack())
-        assert reply is not None
-        v = M.Version.unpack(reply.payload)
-        if v.major != 0 or v.minor > minor:
-            raise ProtocolError(f"server answered version {v.major}.{v.minor}")
-        self.server_caps = v.capabilities
-        self.server_version = (v.major, v.minor)
-        return v
+    async def negotiate(self, caps: M.Capabilities | None = None, minor: int = 0) -> M.Version:
+        if caps is not None and caps != self.conn.our_caps:
+            self.conn = Connection(Role.CLIENT, caps)
+        pending = await self._send_request(Command.VERSION, b"", (), minor=minor)
+        reply = await self.wait_reply(pending)
+        return self.conn.version_accepted(Reply(reply, pending.waiter))
 
     # ------------------------------------------------------------------ memory
     async def dma_map(self, iova: int, size: int, fd: int | None = None, offset: int = 0, *,
@@ -163,30 +172,21 @@ class Client:
             self.memory.append(ClientMemory(iova, size, buf, write))
 
     async def dma_map_nowait(self, iova: int, size: int, fd: int | None = None, offset: int = 0,
-                             *, read: bool = True, write: bool = True) -> "PendingReply":
+                             *, read: bool = True, write: bool = True) -> PendingReply:
         """Pipelined DMA_MAP as QEMU sends them at boot; collect it with ``wait_reply``."""
         flags = (C.VFIO_DMA_MAP_FLAG_READ if read else 0) | (C.VFIO_DMA_MAP_FLAG_WRITE if write else 0)
-        msg_id = next(self._ids) & 0xFFFF
-        pending = PendingReply(msg_id, Command.DMA_MAP, [trio.Event(), None])
-        self._pending[msg_id] = pending.waiter
         payload = M.DmaMap(32, flags, offset if fd is not None else 0, iova, size).pack()
-        try:
-            await self.transport.send([pack_header(msg_id, Command.DMA_MAP, len(payload)) + payload],
-                                      [fd] if fd is not None else [])
-        except BaseException:
-            self._pending.pop(msg_id, None)
-            raise
-        return pending
+        return await self._send_request(Command.DMA_MAP, payload, [fd] if fd is not None else [])
 
-    async def wait_reply(self, pending: "PendingReply", timeout: float = REPLY_TIMEOUT) -> Message:
+    async def wait_reply(self, pending: PendingReply, timeout: float = REPLY_TIMEOUT) -> Message:
         """The reply to a pipelined command (raise VfioUserError on an error reply)."""
         try:
             with trio.fail_after(timeout):
-                await pending.waiter[0].wait()
+                await pending.waiter.event.wait()
         finally:
-            if self._pending.get(pending.msg_id) is pending.waiter:
-                del self._pending[pending.msg_id]
-        reply: Message | None = pending.waiter[1]
+            if pending.waiter.reply is None:
+                self.conn.forget(pending.msg_id)
+        reply = pending.waiter.reply
         if reply is None:
             raise ConnectionError("server closed the connection")
         if reply.header.is_error:
@@ -214,6 +214,7 @@ class Client:
         close_fds(msg.fds)
         self.dma_requests += 1
         try:
+            self.conn.check_request(msg)
             if h.cmd == Command.DMA_READ:
                 req = M.DmaAccess.unpack(msg.payload, with_data=False)
                 m = self._find_memory(req.addr, req.count)
@@ -222,7 +223,7 @@ class Client:
                 off = req.addr - m.iova
                 data = bytes(memoryview(m.buf)[off : off + req.count])
                 payload = M.DmaAccess(req.addr, req.count, data).pack()
-            elif h.cmd == Command.DMA_WRITE:
+            else:
                 req = M.DmaAccess.unpack(msg.payload, with_data=True)
                 m = self._find_memory(req.addr, req.count)
                 if m is None or not m.writable:
@@ -230,12 +231,12 @@ class Client:
                 off = req.addr - m.iova
                 memoryview(m.buf)[off : off + req.count] = req.data
                 payload = M.DmaAccess(req.addr, req.count).pack()
-            else:
-                raise ProtocolError(f"unexpected server command {h.cmd}", errno.ENOSYS)
         except ProtocolError as exc:
-            await self.transport.send([error_reply(h.msg_id, h.cmd, exc.errno)])
-            return
-        await self.transport.send([pack_header(h.msg_id, h.cmd, len(payload), Flags.REPLY) + payload])
+            data = self.conn.error(msg, exc.errno)
+        else:
+            data = self.conn.reply(msg, payload)
+        if data is not None:
+            await self.transport.send([data])
 
     # ------------------------------------------------------------------ device
     async def get_info(self) -> M.DeviceInfo:
@@ -347,12 +348,12 @@ async def connect(path: str, *, negotiate: bool = True,
                   caps: M.Capabilities = CLIENT_CAPS) -> AsyncIterator[Client]:
     """Connect, start the reply reader, negotiate; close on exit."""
     transport = await SocketTransport.connect(path)
-    client = Client(transport)
+    client = Client(transport, caps)
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(client._reader)
             if negotiate:
-                await client.negotiate(caps)
+                await client.negotiate()
             try:
                 yield client
             finally:

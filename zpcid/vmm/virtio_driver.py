@@ -21,7 +21,7 @@ import trio
 
 from protocol.vfio_user import consts as C
 from zpcid.vmm.client import Client, read_eventfd
-from zpcid.vfio_user.memfd import Memfd
+from zpcid.vfio_user.memfd import SHARE_SEALS, Memfd
 from zpcid.pci.config import PCI_CAP_ID_MSIX, PCI_CAP_ID_VNDR, PCI_CAPABILITY_LIST, PCI_COMMAND
 from zpcid.devices.virtio import pci as vp
 from zpcid.devices.virtio.queue import (DESC_SIZE, USED_ELEM_SIZE, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT,
@@ -54,9 +54,10 @@ class VirtioCap:
 class GuestMemory:
     """Guest RAM at ``base``: a memfd (shared by fd) or a bytearray (message-mode DMA)."""
 
-    def __init__(self, size: int, base: int = 0x4000_0000, *, shared: bool = True):
+    def __init__(self, size: int, base: int = 0x4000_0000, *, shared: bool = True,
+                 seal: int = SHARE_SEALS):
         self.size, self.base, self.shared = size, base, shared
-        self.memfd = Memfd(size, "zpcid-guest") if shared else None
+        self.memfd = Memfd(size, "zpcid-guest", seal) if shared else None
         self.buf = self.memfd.mm if self.memfd else bytearray(size)
         self._next = base
         self._free: dict[int, list[int]] = {}

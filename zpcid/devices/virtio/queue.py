@@ -45,6 +45,11 @@ def is_dma_error(exc: BaseException) -> bool:
     return isinstance(exc, DmaFault) or any(c.__name__ == "TranslationError" for c in type(exc).__mro__)
 
 
+def is_client_gone(exc: BaseException) -> bool:
+    """A message-mode DMA that failed because the VMM left (not the driver's fault)."""
+    return isinstance(exc, DmaFault) and exc.client_gone
+
+
 _fence_lock = threading.Lock()
 
 
