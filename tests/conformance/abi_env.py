@@ -13,6 +13,7 @@ from protocol.zpci import formats as Z
 from zpcid.vmm import client as vclient
 from protocol.zpci import region as Zr  # ABI constants only (offsets, codes)
 from zpcid.devices import dma_engine as D
+from zpcid.vmm.dma_engine_driver import Driver
 from zpcid.vmm.guest import GuestTables
 from zpcid.zpci.properties import ZpciProperties
 from zpcid.vmm.model import Vmm, attach
@@ -153,7 +154,7 @@ class Guest:
     # -------------------------------------------------------------- the device
     async def dma(self, op: int, src: int, dst: int, length: int, pattern: int = 0) -> tuple[int, int]:
         """Run one dma-engine operation: (error code, fault address register)."""
-        st = await D.Driver(self.client).run(op, src, dst, length, pattern)
+        st = await Driver(self.client).run(op, src, dst, length, pattern)
         fault = struct.unpack("<Q", await self.client.region_read(0, D.REG_FAULT_ADDR, 8))[0]
         return D.status_error(st), fault
 

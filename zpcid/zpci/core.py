@@ -16,10 +16,11 @@ import attrs
 from protocol.zpci import formats as Z
 from protocol.zpci import region as R
 from protocol.zpci.region import State
-from zpcid.snapshot import Snapshot, expect, require
+from zpcid.snapshot import Snapshot, SnapshotError, expect, require
 from zpcid.vfio_user.dma import DmaFault, DmaSpace
 from zpcid.vfio_user.regions import MemfdRegionSnapshot, RegionError
 from zpcid.zpci import instructions as I
+from zpcid.zpci.dma_path import ZpciDmaPath
 from zpcid.zpci.interrupts import AdapterInterrupts, raise_vector
 from zpcid.zpci.iommu import DirectMap, RpcitResult, ShadowIotlb, TranslationError, rpcit
 from zpcid.zpci.iommu.shadow import ShadowSnapshot
@@ -53,7 +54,14 @@ class Ioat:
 
 
 class ZpciCore:
-    """zPCI state and instruction execution of one function."""
+    """zPCI state and instruction execution of one function.
+
+    Composed onto a PCI function from above (``zpcid.zpci.function``): it is the
+    function's extension (control region, DMA path, interrupt-delivery hook,
+    life-cycle calls) and sees the function only as a ``FunctionPort``.
+    """
+
+    region_index = R.ZPCI_REGION_INDEX
 
     def __init__(self, name: str, props: ZpciProperties, log, port: FunctionPort, memory: DmaSpace,
                  index: int | None = None):
@@ -71,6 +79,7 @@ class ZpciCore:
         self._clp_key: tuple | None = None
         self.ioat_reg: Ioat | None = None
         self.aif: AdapterInterrupts | None = None
+        self.dma_path = ZpciDmaPath(self)
         self.reset_all()
 
     # ------------------------------------------------------------------ lifecycle
@@ -99,6 +108,32 @@ class ZpciCore:
         """Disable the function as a system reset does (handle loses the enable bit)."""
         self.clear_registrations()
         self.st.apply(Event.RESET)
+
+    # ------------------------------------------------------------------ the function's calls (FunctionExtension)
+    def bars_changed(self) -> None:
+        self.publish()
+
+    def reset(self) -> None:
+        self.function_reset()
+
+    def power_on(self) -> None:
+        self.reset_all()
+
+    def release_requested(self) -> None:
+        self.availability(Z.ZPCI_PEC_AVAIL_DECONFIG_REQUESTED, "removal requested")
+
+    def function_info(self) -> dict[str, Any]:
+        return {"fid": self.props.fid, "uid": self.props.uid, "zpci": self.describe()}
+
+    def properties(self) -> dict[str, Any]:
+        return attrs.asdict(self.props)
+
+    def set_properties(self, props: dict[str, Any]) -> None:
+        try:
+            new = attrs.evolve(self.props, **props)
+        except (TypeError, ValueError) as exc:
+            raise SnapshotError(f"zPCI properties of the snapshot: {exc}") from None
+        self.set_props(new)
 
     def session_started(self) -> None:
         """A client's session can run tasks now: restart the FMB timer if one is registered."""
@@ -419,6 +454,8 @@ class ZpciCore:
     def memory_fault(self, piece_iova: int, gpa: int, exc: DmaFault, iova: int, length: int,
                      write: bool) -> NoReturn:
         """A translated access that lands where the VMM mapped no guest memory."""
+        if exc.client_gone:
+            raise exc  # not the guest's doing: the VMM went away in the middle of the access
         fail = piece_iova + max(0, exc.addr - gpa)
         # zpcid-translates: the translation is fine, guest storage is not there;
         # vmm-translates: the VMM has no mapping for the IOVA.

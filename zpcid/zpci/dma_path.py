@@ -7,16 +7,16 @@ used (after the function went to the error state with an error event).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
 from zpcid.vfio_user.dma import DmaFault
 
-if TYPE_CHECKING:
-    from zpcid.zpci.core import ZpciCore
+# The ZpciCore that runs us (zpcid.zpci.core imports this module, not the other way round).
+Core = Any
 
 
 class ZpciDmaPath:
-    def __init__(self, core: "ZpciCore"):
+    def __init__(self, core: Core):
         self.core = core
         self.space = core.memory
 

@@ -5,7 +5,7 @@ registers the VMM stores (docs/zpci-region.md, "Outcome table")."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
 import attrs
 
@@ -16,8 +16,8 @@ from protocol.zpci import tables as T
 from protocol.zpci.region import State
 from zpcid.zpci.state import NOT_AVAILABLE, Event
 
-if TYPE_CHECKING:
-    from zpcid.zpci.core import ZpciCore
+# The ZpciCore that runs us (zpcid.zpci.core imports this module, not the other way round).
+Core = Any
 
 PAGE = 4096
 
@@ -58,7 +58,7 @@ def writeback(cmd: int, out: Outcome, r1: int, r2: int) -> tuple[int, int, int]:
     return 0, r1, r2
 
 
-async def execute(z: "ZpciCore", cmd: int, r1: int, r2: int, r3: int) -> Outcome:
+async def execute(z: Core, cmd: int, r1: int, r2: int, r3: int) -> Outcome:
     region = z.region
     if cmd == R.CMD_CLP:
         region.set_clp_response(clp(z, region.clp_request()))
@@ -81,7 +81,7 @@ async def execute(z: "ZpciCore", cmd: int, r1: int, r2: int, r3: int) -> Outcome
 # ---------------------------------------------------------------------- CLP
 
 
-def clp(z: "ZpciCore", block: bytes) -> bytes:
+def clp(z: Core, block: bytes) -> bytes:
     """Execute one CLP request block for this function; returns the response block."""
     req, rc = Z.ClpRequest.parse(block)
     if req is None:
@@ -104,7 +104,7 @@ def clp(z: "ZpciCore", block: bytes) -> bytes:
     return Z.ClpSetPciFnResponse(response_code=rc, fh=st.fh).pack()
 
 
-def set_pci_fn(z: "ZpciCore", fh: int, oc: int, ndas: int) -> int:
+def set_pci_fn(z: Core, fh: int, oc: int, ndas: int) -> int:
     st = z.st
     if fh & ~Z.FH_MASK_ENABLE != st.fh & ~Z.FH_MASK_ENABLE:
         return Z.CLP_RC_SETPCIFN_FH
@@ -128,12 +128,12 @@ def set_pci_fn(z: "ZpciCore", fh: int, oc: int, ndas: int) -> int:
 # ---------------------------------------------------------------------- MPCIFC
 
 
-def _usable(z: "ZpciCore", fh: int) -> bool:
+def _usable(z: Core, fh: int) -> bool:
     """``fh`` is this function's current handle and the function is usable."""
     return fh == z.st.fh and z.st.state not in NOT_AVAILABLE
 
 
-def mpcifc(z: "ZpciCore", r1: int, fib_bytes: bytes) -> Outcome:
+def mpcifc(z: Core, r1: int, fib_bytes: bytes) -> Outcome:
     fh, dmaas, oc = r1 >> 32, (r1 >> 16) & 0xFF, r1 & 0xFF
     if not z.translating and oc in R.VMM_EMULATED_OCS:
         # AIBV, AISB and the FMB are guest absolute addresses, which
@@ -169,7 +169,7 @@ def mpcifc(z: "ZpciCore", r1: int, fib_bytes: bytes) -> Outcome:
     return Outcome(exception=R.EXC_OPERAND)
 
 
-def _register_ioat(z: "ZpciCore", fib) -> Outcome:
+def _register_ioat(z: Core, fib) -> Outcome:
     pba = fib.pba & ~0xFFF
     pal = fib.pal | 0xFFF
     if pba > pal or pba < z.sdma or pal > z.edma:
@@ -186,7 +186,7 @@ def _register_ioat(z: "ZpciCore", fib) -> Outcome:
     return Outcome()
 
 
-def _register_interrupts(z: "ZpciCore", fib) -> Outcome:
+def _register_interrupts(z: Core, fib) -> Outcome:
     if z.aif is not None:
         return _cc1(Z.ZPCI_MOD_ST_SEQUENCE)
     if fib.noi == 0 or fib.noi > z.port.zpci_msix_vectors():
@@ -196,7 +196,7 @@ def _register_interrupts(z: "ZpciCore", fib) -> Outcome:
     return Outcome()
 
 
-def _set_measurement(z: "ZpciCore", addr: int) -> Outcome:
+def _set_measurement(z: Core, addr: int) -> Outcome:
     z.fmb.stop()
     if addr & 0xF:
         z.error_event(Z.ZPCI_PEC_FMB_PROTECTION, addr, "FMB misaligned", enter_error=False)
@@ -210,7 +210,7 @@ def _set_measurement(z: "ZpciCore", addr: int) -> Outcome:
 # ---------------------------------------------------------------------- STPCIFC
 
 
-def stpcifc(z: "ZpciCore", r1: int) -> Outcome:
+def stpcifc(z: Core, r1: int) -> Outcome:
     fh, dmaas = r1 >> 32, (r1 >> 16) & 0xFF
     st = z.st
     if dmaas != 0:
@@ -237,7 +237,7 @@ def stpcifc(z: "ZpciCore", r1: int) -> Outcome:
 # ---------------------------------------------------------------------- RPCIT
 
 
-def rpcit(z: "ZpciCore", r1: int, start: int, length: int) -> Outcome:
+def rpcit(z: Core, r1: int, start: int, length: int) -> Outcome:
     if not z.translating:
         return Outcome(result=R.RES_WRONG_MODE)
     if not _usable(z, r1 >> 32):
@@ -261,7 +261,7 @@ def rpcit(z: "ZpciCore", r1: int, start: int, length: int) -> Outcome:
 # ---------------------------------------------------------------------- PCISTB / PCILG / PCISTG
 
 
-def _ls_check(z: "ZpciCore", fh: int) -> Outcome | None:
+def _ls_check(z: Core, fh: int) -> Outcome | None:
     if not fh & Z.FH_MASK_ENABLE or not _usable(z, fh):
         return _CC3
     if z.st.state == State.ERROR:
@@ -269,7 +269,7 @@ def _ls_check(z: "ZpciCore", fh: int) -> Outcome | None:
     return None
 
 
-async def pcistb(z: "ZpciCore", r1: int, offset: int, gaddr: int, data: bytes) -> Outcome:
+async def pcistb(z: Core, r1: int, offset: int, gaddr: int, data: bytes) -> Outcome:
     fh, pcias, length = r1 >> 32, (r1 >> 16) & 0xF, r1 & 0x1FFF
     bad = _ls_check(z, fh)
     if bad:
@@ -295,7 +295,7 @@ CONFIG_SPACE = 15
 _CONFIG_REGION = 7  # VFIO_PCI_CONFIG_REGION_INDEX
 
 
-def _ls_args(z: "ZpciCore", req: int, offset: int) -> tuple[Outcome | None, tuple[int, int]]:
+def _ls_args(z: Core, req: int, offset: int) -> tuple[Outcome | None, tuple[int, int]]:
     fh, pcias, length = req >> 32, (req >> 16) & 0xF, req & 0xF
     bad = _ls_check(z, fh)
     if bad:
@@ -312,7 +312,7 @@ def _ls_args(z: "ZpciCore", req: int, offset: int) -> tuple[Outcome | None, tupl
     return None, (pcias, length)
 
 
-async def pcilg(z: "ZpciCore", req: int, offset: int) -> Outcome:
+async def pcilg(z: Core, req: int, offset: int) -> Outcome:
     bad, (index, length) = _ls_args(z, req, offset)
     if bad:
         return bad
@@ -322,7 +322,7 @@ async def pcilg(z: "ZpciCore", req: int, offset: int) -> Outcome:
     return Outcome(r1=int.from_bytes(data, "big"))
 
 
-async def pcistg(z: "ZpciCore", value: int, req: int, offset: int) -> Outcome:
+async def pcistg(z: Core, value: int, req: int, offset: int) -> Outcome:
     bad, (index, length) = _ls_args(z, req, offset)
     if bad:
         return bad
