@@ -3,7 +3,6 @@ client Connection: the message path without a socket, including a send buffer of
 
 import contextlib
 import errno
-import os
 import struct
 
 import trio
@@ -12,7 +11,7 @@ from helpers import open_fds
 from memory_transport import transport_pair
 from protocol.vfio_user import messages as M
 from protocol.vfio_user.connection import Connection, Reply, Request, Role
-from protocol.vfio_user.header import Command, Flags
+from protocol.vfio_user.header import Command
 from zpcid.devices.memory import (DMA_CMD_FROM_HOST, DMA_CMD_TO_HOST, MAGIC, REG_DMA_ADDR, REG_DMA_CMD,
                                   REG_DMA_LEN, REG_DMA_STATUS, REG_MAGIC, REG_SCRATCH, MemoryFunction)
 from zpcid.vfio_user.endpoint import Endpoint

@@ -150,8 +150,7 @@ async def raw_connect(path: str, *, negotiate: bool = True) -> AsyncIterator[Raw
 async def settle(server, timeout: float = TIMEOUT) -> None:
     """Wait until the server has finished detaching its client."""
     with trio.fail_after(timeout):
-        while server.attached:
-            await trio.sleep(0.005)
+        await server.wait_detached()
 
 
 @contextlib.asynccontextmanager

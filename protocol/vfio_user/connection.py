@@ -19,6 +19,9 @@ from __future__ import annotations
 
 import enum
 import errno
+from typing import Any
+
+import attrs
 
 from protocol.errors import ProtocolError
 from protocol.vfio_user import consts as C
@@ -234,6 +237,38 @@ class Connection:
         tokens = [token for _, token in self._pending.values()]
         self._pending.clear()
         return tokens
+
+    # ------------------------------------------------------------------ hand-over
+    def export_state(self) -> dict[str, Any]:
+        """The negotiated state as plain data, for continuing the connection elsewhere.
+
+        Only between messages with no request of ours awaiting a reply (the
+        tokens of those could not travel); the framer's buffer goes separately.
+        """
+        if self._pending:
+            raise ValueError(f"{len(self._pending)} requests await their reply")
+        return {
+            "role": self.role.value, "state": self.state.name,
+            "version": list(self.version) if self.version else None,
+            "our_caps": attrs.asdict(self.our_caps),
+            "peer_caps": attrs.asdict(self.peer_caps) if self.peer_caps is not None else None,
+            "next_id": self._next_id, "proposed_minor": self._proposed_minor,
+            "stray_replies": self.stray_replies,
+        }
+
+    @classmethod
+    def from_state(cls, d: dict[str, Any]) -> "Connection":
+        """Inverse of ``export_state``; raises ValueError/TypeError/KeyError on bad input."""
+        conn = cls(Role(d["role"]), M.Capabilities(**d["our_caps"]))
+        conn.state = State[d["state"]]
+        if conn.state is State.CLOSED:
+            raise ValueError("a closed connection cannot continue")
+        conn.version = tuple(d["version"]) if d["version"] is not None else None
+        conn.peer_caps = M.Capabilities(**d["peer_caps"]) if d["peer_caps"] is not None else None
+        conn._next_id = int(d["next_id"]) & 0xFFFF
+        conn._proposed_minor = int(d["proposed_minor"])
+        conn.stray_replies = int(d["stray_replies"])
+        return conn
 
     # ------------------------------------------------------------------ negotiation
     def version_request(self, minor: int = 0, *, token: object = None) -> tuple[int, bytes]:

@@ -439,6 +439,8 @@ class VirtioBlkFunction(ZpciFunction):
         self.service: Service | None = None
         self.queues: dict[int, SplitQueue] = {}
         self.dirty = False  # writes not yet covered by an fsync
+        self._paused = False  # quiesced: take no new requests
+        self._drained = trio.Event()
         self._closing = False
         self.stats = {"reads": 0, "writes": 0, "flushes": 0, "get_id": 0, "discards": 0,
                       "write_zeroes": 0, "bytes_read": 0, "bytes_written": 0,
@@ -489,6 +491,7 @@ class VirtioBlkFunction(ZpciFunction):
         prev = self.service
         if prev is not None:
             prev.stop()
+        self._paused = False
         service = Service(self.name, self.log, on_exit=self._quiesce)
         dma = GuardedDma(self, service)
         self.queues = {
@@ -521,6 +524,8 @@ class VirtioBlkFunction(ZpciFunction):
         if service is not None:
             service.stop()
             await service.done.wait()
+        for q in self.queues.values():
+            q.release()
         self.queues = {}
 
     async def _quiesce(self) -> None:
@@ -541,13 +546,23 @@ class VirtioBlkFunction(ZpciFunction):
         while True:
             await q.kick.wait()
             q.kick = trio.Event()
-            while not self.transport.needs_reset:
+            while not self.transport.needs_reset and not self._paused:
                 done: list[tuple[int, int]] = []
                 empty = False
                 try:
                     for _ in range(SLICE):  # bounded work before others get the loop
-                        await slots.acquire()
-                        chain = await q.pop()
+                        try:
+                            slots.acquire_nowait()  # (no scheduler pass while slots are free)
+                        except trio.WouldBlock:
+                            await slots.acquire()
+                            if self._paused:  # quiesced while waiting for a slot
+                                slots.release()
+                                break
+                        q.inflight += 1  # (a chain being fetched is in flight for quiesce)
+                        try:
+                            chain = await q.pop()
+                        finally:
+                            q.inflight -= 1
                         if chain is None:
                             slots.release()
                             empty = True
@@ -603,6 +618,14 @@ class VirtioBlkFunction(ZpciFunction):
             self._ring_failure(q, exc)
         finally:
             slots.release()
+            self._maybe_drained()
+
+    def _maybe_drained(self) -> None:
+        if self._paused and self._no_requests():
+            self._drained.set()
+
+    def _no_requests(self) -> bool:
+        return not any(q.inflight or q.publishing or q.completed for q in self.queues.values())
 
     async def _complete(self, q: SplitQueue, done: list[tuple[int, int]]) -> None:
         """Publish finished requests; whoever finds no publisher at work becomes it and
@@ -618,6 +641,7 @@ class VirtioBlkFunction(ZpciFunction):
                     self._queue_interrupt(q)
         finally:
             q.publishing = False
+            self._maybe_drained()
 
     def _queue_interrupt(self, q: SplitQueue) -> None:
         self.transport.isr |= vp.VIRTIO_PCI_ISR_QUEUE
@@ -827,19 +851,40 @@ class VirtioBlkFunction(ZpciFunction):
         self.log.info("virtio_blk_unsupported", type=rtype)
         return VIRTIO_BLK_S_UNSUPP
 
+    # ------------------------------------------------------------------ quiesce
+    async def device_quiesce(self) -> None:
+        """Take no new requests, let those in flight finish and reach the used ring,
+        then stop the queue service (it syncs the file); the ring positions stay."""
+        self._paused = True
+        service = self.service
+        if service is None:
+            return
+        while not self._no_requests():
+            self._drained = trio.Event()
+            await self._drained.wait()
+        service.stop()
+        await service.done.wait()
+
+    def device_resume(self) -> None:
+        """Carry on after ``device_quiesce`` (a hand-over that did not happen)."""
+        self._paused = False
+        if self.queues and (self.service is None or self.service.stopped):
+            self._start_service(tuple(q.snapshot() for _, q in sorted(self.queues.items())))
+
     # ------------------------------------------------------------------ snapshot
     def device_snapshot(self) -> "VirtioBlkSnapshot":
         """Transport registers, ring positions, backing-file identity, dirty flag, stats.
 
         Taken quiesced: a request in flight (a thread mid-I/O) cannot be captured.
         """
-        if any(q.inflight or q.completed or q.publishing for q in self.queues.values()):
-            raise SnapshotError(f"virtio-blk {self.name} has requests in flight", errno.EBUSY)
-        running = self.service is not None and not self.service.stopped
+        if not self._no_requests():
+            raise SnapshotError(f"virtio-blk {self.name} has requests in flight (quiesce first)",
+                                errno.EBUSY)
         dev, ino, capacity = self.backing.identity()
         return VirtioBlkSnapshot(
+            # Queues exist from DRIVER_OK to the next reset, quiesced or not.
             transport=self.transport.snapshot(),
-            queues=tuple(q.snapshot() for _, q in sorted(self.queues.items())) if running else (),
+            queues=tuple(q.snapshot() for _, q in sorted(self.queues.items())),
             backing=Fd(self.backing.fd), path=self.backing.path, dev=dev, ino=ino,
             capacity=capacity, cache=self.backing.cache, readonly=self.readonly,
             dirty=self.dirty, stats=dict(self.stats))
@@ -874,6 +919,8 @@ class VirtioBlkFunction(ZpciFunction):
         if hasattr(self, "transport"):
             if self.service is not None:
                 self.service.stop()  # synchronous callers (detach) cannot wait; the next start does
+            for q in self.queues.values():
+                q.release()
             self.queues = {}
             self.transport.reset()
         super().reset_state()
@@ -885,6 +932,8 @@ class VirtioBlkFunction(ZpciFunction):
     def detach(self) -> None:
         if self.service is not None:
             self.service.stop()  # before the DMA maps go away
+        for q in self.queues.values():
+            q.release()
         super().detach()
 
     def close(self) -> None:

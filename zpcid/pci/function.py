@@ -89,6 +89,8 @@ class PciFunction:
         # DMA_READ/DMA_WRITE under the lock its vCPU holds while it waits for
         # our reply to that access.
         self._tasks: trio.Nursery | None = None
+        self._running = 0  # deferred device tasks at work
+        self._idle = trio.Event()  # set (and replaced) whenever the last one ends
         # The layer composed onto this function from above (zPCI), and what
         # device models use for DMA: async read(iova, n) / write(iova, data).
         self.ext: FunctionExtension | None = None
@@ -140,10 +142,15 @@ class PciFunction:
 
     async def defer(self, async_fn, *args) -> None:
         """Run device work after the current message is answered (inline without a session)."""
+        self._running += 1  # counted from now: quiesce() must wait for it even unstarted
         if self.tasks is None:
             await self._guarded(async_fn, *args)
-        else:
+            return
+        try:
             self.tasks.start_soon(self._guarded, async_fn, *args)
+        except RuntimeError:  # the session is ending
+            self._running -= 1
+            raise
 
     async def _guarded(self, async_fn, *args) -> None:
         try:
@@ -151,6 +158,11 @@ class PciFunction:
         except Exception:  # a device bug must not end the client's session
             self.log.exception("device_task_failed")
             self.counters.errors["device_task"] += 1
+        finally:
+            self._running -= 1
+            if not self._running:
+                self._idle.set()
+                self._idle = trio.Event()
 
     # ------------------------------------------------------------------ lifecycle
     def attach(self, session: Session, *, resumed: bool = False) -> None:
@@ -263,6 +275,39 @@ class PciFunction:
             "counters": {k: v for k, v in attrs.asdict(self.counters).items() if k != "errors"}
             | {"errors": dict(self.counters.errors)},
         } | (self.ext.function_info() if self.ext is not None else {})
+
+    # ------------------------------------------------------------------ quiesce
+    async def quiesce(self) -> None:
+        """Return once no device work runs and none will start by itself.
+
+        The caller has stopped serving messages (the only other source of work).
+        """
+        while self._running:
+            await self._idle.wait()
+        await self.device_quiesce()
+
+    def resume(self) -> None:
+        """Undo ``quiesce`` (the hand-over was abandoned)."""
+        self.device_resume()
+
+    async def device_quiesce(self) -> None:
+        """Device types with work of their own (queue services) stop it here."""
+
+    def device_resume(self) -> None:
+        pass
+
+    def release(self) -> None:
+        """Forget everything after a hand-over: close our copies of the fds and
+        unmap, but change nothing another process now serves (no reset: the
+        shared memory and the client's view stay exactly as they are)."""
+        self.session = None
+        self.dma.message_io = None
+        self.dma.close()
+        self.irqs.clear()  # closes our copies only
+        for region in self.regions.values():
+            close = getattr(region, "close", None)
+            if close:
+                close()
 
     # ------------------------------------------------------------------ snapshot
     def device_snapshot(self) -> Snapshot | None:

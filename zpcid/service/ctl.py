@@ -12,6 +12,7 @@ import json
 import os
 import socket
 import sys
+import time
 from typing import Any
 
 import zpcid
@@ -196,7 +197,44 @@ COMMANDS: dict[str, dict[str, Any]] = {
     "metrics": {"help": "metrics in Prometheus text format", "out": lambda r, a: r["text"].rstrip("\n")},
     "reload": {"help": "re-read the configuration file (as SIGHUP)",
                "out": lambda r, a: f"reloaded; {r['functions']} functions"},
+    "restart": {"help": "replace a function's worker process (new code); its VMM stays attached",
+                "fid": True,
+                "out": lambda r, a: f"fid {r['fid']:#x}: worker {r['old_pid']} -> {r['pid']}, "
+                                    f"paused {r['pause_ms']:.1f} ms"},
+    "upgrade": {"help": "hand every function and VMM connection to a new zpcid process (re-exec)",
+                "out": lambda r, a: _out_upgrade(r)},
 }
+
+
+def _out_upgrade(r) -> str:
+    h = r.get("last_handover") or {}
+    return (f"upgraded: pid {r['pid']} serves {h.get('functions', '?')} handed-over functions, "
+            f"paused {h.get('pause_ms', float('nan')):.1f} ms")
+
+
+UPGRADE_WAIT = 60.0
+
+
+def _upgrade(path: str, args: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """Ask for the upgrade, then wait for the new process to answer on the same socket."""
+    asked = time.monotonic()
+    first = request(path, "upgrade", args, timeout)
+    deadline = time.monotonic() + UPGRADE_WAIT
+    while True:
+        time.sleep(0.05)
+        try:
+            stats = request(path, "stats", {}, timeout)
+        except CtlError:
+            if time.monotonic() > deadline:
+                raise CtlError(f"the new zpcid did not answer within {UPGRADE_WAIT:g} s "
+                               f"(pid was {first['pid']})", EXIT_FAILED) from None
+            continue
+        h = stats.get("last_handover") or {}
+        # the new process started after we asked (the old one may have upgraded before)
+        if h.get("kind") == "upgrade" and stats.get("uptime_seconds", 1e9) < time.monotonic() - asked:
+            return {"pid": stats["pid"], "last_handover": h}
+        if time.monotonic() > deadline:
+            raise CtlError("the daemon answers but did not restart", EXIT_FAILED)
 
 
 def _request_args(name: str, a: argparse.Namespace) -> tuple[dict[str, Any], float]:
@@ -221,6 +259,8 @@ def _request_args(name: str, a: argparse.Namespace) -> tuple[dict[str, Any], flo
         args["pec"] = a.pec
     elif name == "events":
         args["clear"] = a.clear
+    elif name == "upgrade" and a.binary:
+        args["binary"] = os.path.abspath(a.binary)
     return args, timeout
 
 
@@ -252,6 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--pec", type=_fid, metavar="N", help="PCI event code (default 0xb)")
         if name == "events":
             p.add_argument("--clear", action="store_true", help="clear the list after reading it")
+        if name == "upgrade":
+            p.add_argument("--binary", metavar="PATH",
+                           help="execute this zpcid instead of the running one's Python module")
     return parser
 
 
@@ -263,7 +306,10 @@ def run(argv: list[str] | None = None, out=None, err=None) -> int:
     path = getattr(a, "socket", None) or default_socket()
     try:
         args, timeout = _request_args(a.command, a)
-        result = request(path, a.command, args, timeout)
+        if a.command == "upgrade":
+            result = _upgrade(path, args, timeout)
+        else:
+            result = request(path, a.command, args, timeout)
     except CtlError as exc:
         if as_json:
             print(json.dumps({"ok": False, "error": str(exc), "exit_code": exc.code}), file=out)

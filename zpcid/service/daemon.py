@@ -19,6 +19,7 @@ from protocol.zpci.formats import ZPCI_PEC_SYSTEM_ERROR
 from zpcid.service import config as cfg
 from zpcid import log
 from zpcid.service import metrics
+from zpcid.service import handover as ho
 from zpcid.service import runtime
 from zpcid.service.control import CommandError, ControlServer
 from zpcid.service.sdnotify import Notifier
@@ -91,6 +92,10 @@ class Daemon:
             lambda: [(m.fid, m.worker.sample, m.worker.restarts) for m in list(self.functions.values())])
         fmt, level = log.settings()
         self.zygote = Zygote(fmt, level)
+        self.last_handover: dict[str, Any] | None = None  # what the last live restart/upgrade did
+        self._exec_argv: list[str] | None = None  # set by `upgrade`: re-exec once stopped
+        self._fdstore = False  # set on SIGTERM under systemd with an fd store: hand over into it
+        self._handover: ho.Bundle | None = None
 
     # ------------------------------------------------------------------ main
     async def run(self) -> None:
@@ -123,7 +128,10 @@ class Daemon:
                                                                         self.refresh_samples))
                         self.log.info("metrics_listening", address=d.metrics_listen)
                     try:
+                        taken = await self._start_handed_over()
                         for fc in self.config.functions:
+                            if fc.fid in taken:
+                                continue
                             try:
                                 await self._start(fc, "file")
                             except cfg.ConfigError as exc:
@@ -138,15 +146,25 @@ class Daemon:
                         nursery.start_soon(self._watchdog)
                     nursery.start_soon(self._status_updater)
                     await self._stop.wait()
-                    self.notifier.notify("STOPPING=1", "STATUS=stopping")
-                    self.log.info("stopping", functions=len(self.functions))
-                    await self._stop_all()
+                    if self._fdstore and self._handover is None:
+                        await self._hand_over_or_log()
+                    if self._handover is not None:
+                        self.notifier.notify("STOPPING=1", "STATUS=handing over to the next zpcid")
+                        self.log.info("handing_over", functions=len(self.functions),
+                                      carrier="re-exec" if self._exec_argv else "fd store")
+                    else:
+                        self.notifier.notify("STOPPING=1", "STATUS=stopping")
+                        self.log.info("stopping", functions=len(self.functions))
+                        await self._stop_all()
                     await self.zygote.aclose()
                     nursery.cancel_scope.cancel()
             finally:
-                for path in unlink:
-                    _unlink_socket(path)
+                if self._handover is None:
+                    for path in unlink:
+                        _unlink_socket(path)
                 self.notifier.close()
+        if self._handover is not None:
+            self._finish_handover()  # returns only if it failed
         self.log.info("stopped")
 
     def _bind(self, path: str, mode: int, gid: int | None, key: str):
@@ -191,6 +209,11 @@ class Daemon:
                 self._nursery.start_soon(self._reload_task)
             else:
                 self.log.info("signal", signal=signal.Signals(signum).name)
+                # Under systemd with an fd store (FileDescriptorStoreMax=, which sets
+                # $FDSTORE) a stop may be a restart: keep the VMMs' connections in the
+                # store; on a real stop systemd closes them and the VMMs see the end.
+                if signum == signal.SIGTERM and self.notifier.enabled and _fdstore_max() > 0:
+                    self._fdstore = True
                 self._stop.set()
 
     async def _reload_task(self) -> None:
@@ -223,7 +246,8 @@ class Daemon:
         self._stop.set()
 
     # ------------------------------------------------------------------ functions
-    async def _start(self, fc: cfg.FunctionConfig, origin: str, listener=None) -> Managed:
+    async def _start(self, fc: cfg.FunctionConfig, origin: str, listener=None,
+                     restore: tuple[dict, list[int]] | None = None) -> Managed:
         """Listen on the function's socket and start its worker; ConfigError if either fails.
 
         ``listener``: the socket of the function this one replaces (same path), kept open
@@ -242,6 +266,7 @@ class Daemon:
                 except OSError as exc:
                     self.log.warning("socket_chown_failed", socket=fc.socket, error=str(exc), **ids)
         m = Managed(fc, listener, origin, self)
+        m.worker.restore = restore
         try:
             await self._nursery.start(self._run_function, m)
         except CommandError as exc:
@@ -402,7 +427,139 @@ class Daemon:
             "reset": self.cmd_reset, "inject-error": self.cmd_inject_error,
             "events": self.cmd_events, "stats": self.cmd_stats, "version": self.cmd_version,
             "metrics": self.cmd_metrics, "reload": self.cmd_reload,
+            "restart": self.cmd_restart, "upgrade": self.cmd_upgrade,
         }
+
+    async def cmd_restart(self, args):
+        """Replace one function's worker by a new process (new code); its VMM stays attached."""
+        m = self._get(args)
+        async with self._lock:
+            await self.zygote.renew()  # the new worker imports the code installed now
+            result = await m.worker.live_restart()
+        self.last_handover = {"kind": "restart", "fid": m.fid, **result}
+        return {"fid": m.fid, **result}
+
+    async def cmd_upgrade(self, args):
+        """Hand every function (VMM connections included) to a new zpcid process."""
+        binary = args.get("binary")
+        if binary is not None and (not isinstance(binary, str) or not os.path.isabs(binary)
+                                   or not os.access(binary, os.X_OK)):
+            raise CommandError("invalid", f"binary {binary!r} is not an absolute path to an executable")
+        if self._handover is not None:
+            raise CommandError("busy", "a hand-over is already under way")
+        argv = [binary, *sys.argv[1:]] if binary else [sys.executable, "-m", "zpcid.cli",
+                                                      *sys.argv[1:]]
+        await self._hand_over()
+        self._exec_argv = argv
+        functions = len(self._handover.doc["functions"])
+        self._nursery.start_soon(self._stop_after_reply)
+        return {"pid": os.getpid(), "functions": functions, "exec": argv[0]}
+
+    async def _stop_after_reply(self) -> None:
+        await trio.sleep(0.01)  # lets the control server send the answer first
+        self._stop.set()
+
+    # ------------------------------------------------------------------ hand-over
+    async def _hand_over(self) -> None:
+        """Quiesce and snapshot every worker, then let them go; ``self._handover`` holds
+        everything the next process needs.  Nothing changes if a snapshot fails."""
+        async with self._lock:
+            t0 = time.monotonic()
+            managed = sorted(self.functions.values(), key=lambda m: m.fid)
+            taken: dict[int, tuple[dict, list[int]]] = {}
+            failures: list[str] = []
+
+            async def take(m: Managed) -> None:
+                if m.worker.state != "serving":
+                    return  # restarting: nothing to carry, the next process starts it clean
+                try:
+                    taken[m.fid] = await m.worker.quiesce_and_snapshot()
+                except CommandError as exc:
+                    failures.append(f"fid {m.fid:#x}: {exc.message}")
+
+            async with trio.open_nursery() as n:
+                for m in managed:
+                    n.start_soon(take, m)
+            if failures:
+                async with trio.open_nursery() as n:
+                    for m in managed:
+                        if m.fid in taken:
+                            n.start_soon(m.worker.resume)
+                for _, fds in taken.values():
+                    _close_all(fds)
+                raise CommandError("busy", "hand-over abandoned, every function goes on: "
+                                           + "; ".join(failures))
+            bundle = ho.Bundle({"functions": [], "quiesced_at": t0})
+            for m in managed:
+                doc, fds = taken.get(m.fid, (None, []))
+                bundle.doc["functions"].append({
+                    "config": attrs.asdict(m.config), "origin": m.origin,
+                    "listen": bundle.add_fd(m.listener.fileno()),
+                    "state": doc, "fds": [bundle.add_fd(fd) for fd in fds]})
+            # From here on the VMM connections live in the bundle only.
+            async with trio.open_nursery() as n:
+                for m in managed:
+                    m.worker.stopping = True
+                    n.start_soon(m.worker.abandon)
+            for m in managed:
+                m.scope.cancel()
+            self._handover = bundle
+            self.log.info("handover_prepared", functions=len(managed), fds=len(bundle.fds),
+                          ms=round((time.monotonic() - t0) * 1e3, 2))
+
+    async def _hand_over_or_log(self) -> None:
+        try:
+            await self._hand_over()
+        except CommandError as exc:
+            self.log.error("handover_failed", error=exc.message, action="stopping normally")
+
+    def _finish_handover(self) -> None:
+        """Out of trio: give the bundle to the next process (exec, or the fd store and exit)."""
+        bundle = self._handover
+        try:
+            if self._exec_argv is not None:
+                ho.exec_argv(self._exec_argv, bundle)  # does not return
+            else:
+                ho.fdstore_push(self.notifier.address, bundle)
+                self.log.info("handed_over", carrier="fd store", fds=len(bundle.fds))
+                return
+        except ho.HandoverError as exc:
+            self.log.error("handover_failed", error=str(exc),
+                           action="VMM connections close; restart the daemon")
+        bundle.close()
+
+    async def _start_handed_over(self) -> set[int]:
+        """Start the functions a previous zpcid handed over; returns their fids."""
+        try:
+            bundle = ho.receive(notify_address=self.notifier.address or None)
+        except ho.HandoverError as exc:
+            self.log.error("handover_unusable", error=str(exc), action="starting clean")
+            return set()
+        for key in ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"):
+            os.environ.pop(key, None)
+        if bundle is None:
+            return set()
+        taken: set[int] = set()
+        entries = bundle.doc.get("functions", [])
+        for i, entry in enumerate(entries):
+            fds = [bundle.fds[j] for j in entry["fds"]]
+            listener = trio.socket.from_stdlib_socket(socket.socket(fileno=bundle.fds[entry["listen"]]))
+            try:
+                fc = cfg.FunctionConfig(**entry["config"])
+                restore = (entry["state"], fds) if entry["state"] is not None else None
+                await self._start(fc, entry["origin"], listener, restore=restore)
+            except (cfg.ConfigError, TypeError, KeyError) as exc:
+                # Its VMM sees the connection close (these were the last copies).
+                self.log.error("handover_function_failed", error=str(exc), entry=i)
+                _close_all(fds)
+                listener.close()
+                continue
+            taken.add(fc.fid)
+        pause = time.monotonic() - float(bundle.doc.get("quiesced_at", time.monotonic()))
+        self.last_handover = {"kind": "upgrade", "functions": len(taken),
+                              "pause_ms": round(pause * 1e3, 3)}
+        self.log.info("handover_restored", functions=len(taken), pause_ms=round(pause * 1e3, 2))
+        return taken
 
     async def cmd_list(self, args):
         return [m.summary() for _, m in sorted(self.functions.items())]
@@ -501,6 +658,7 @@ class Daemon:
                 "functions": len(self.functions),
                 "attached": sum(m.attached for m in self.functions.values()),
                 "worker_restarts": sum(m.worker.restarts for m in self.functions.values()),
+                "last_handover": self.last_handover,
                 "control_requests": self.control.requests, "control_refused": self.control.refused,
                 "reloads": self.reloads, "reload_failures": self.reload_failures,
                 "counters": totals, "errors": errors}
@@ -541,3 +699,19 @@ def _unlink_socket(path: str) -> None:
 
 async def serve(config: cfg.Config, config_path: str | None) -> None:
     await Daemon(config, config_path).run()
+
+
+def _fdstore_max() -> int:
+    """systemd (v254+) sets $FDSTORE to FileDescriptorStoreMax= of the unit."""
+    try:
+        return int(os.environ.get("FDSTORE", "0"))
+    except ValueError:
+        return 0
+
+
+def _close_all(fds) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass

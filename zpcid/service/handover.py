@@ -37,6 +37,7 @@ FD_NAME_PREFIX = "zpcid-fd-"
 SD_LISTEN_FDS_START = 3
 FORMAT = 1  # of the envelope below; the snapshots inside carry their own versions
 MAX_STATE = 256 << 20
+FDSTORE_SEND_TIMEOUT = 10.0
 _SEALS = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
 
 _log = log.get("zpcid.service.handover")
@@ -165,6 +166,8 @@ def fdstore_push(notify_address: str, bundle: Bundle) -> list[str]:
     names = []
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            # The manager reads as we send; a queue that stays full means it does not.
+            sock.settimeout(FDSTORE_SEND_TIMEOUT)
             for i, fd in enumerate(bundle.fds):
                 names.append(f"{FD_NAME_PREFIX}{i}")
                 _sd_send(sock, notify_address, f"FDSTORE=1\nFDNAME={names[-1]}", [fd])

@@ -24,6 +24,7 @@ EXIT_REPORT_TIMEOUT = 5.0  # how long a dead worker's exit status may take to ar
 STOP_TIMEOUT = 10.0
 SAMPLE_TIMEOUT = 2.0  # per scrape; a worker slower than this contributes its last sample  # a worker asked to stop is killed after this long
 BACKOFF_FIRST, BACKOFF_MAX, HEALTHY_AFTER = 0.05, 5.0, 10.0
+QUIESCE_TIMEOUT = 10.0  # device work a live restart waits for before it gives up (and resumes)
 
 
 def exit_reason(status: int | None) -> str:
@@ -166,6 +167,21 @@ class Zygote:
                 theirs.close()
             return int(result["pid"]), Channel(ours), rpc
 
+    async def renew(self) -> None:
+        """Replace the zygote by one that imports the code installed now; returns once it
+        answers (so a live restart does not wait for the imports while its VMM waits)."""
+        async with self._lock:
+            if self._rpc is not None:
+                self._rpc.channel.close()  # the old one exits at end of file
+                self._rpc = None
+            rpc = await self._ensure()
+        try:
+            await rpc.call("ready?", timeout=INIT_TIMEOUT)  # any answer means it is serving
+        except CommandError:
+            pass
+        except Closed:
+            raise CommandError("unavailable", "the new zygote died at start") from None
+
     async def exit_status(self, pid: int, parent: _Rpc,
                           timeout: float = EXIT_REPORT_TIMEOUT) -> int | None:
         """The waitpid status the zygote ``parent`` reports for ``pid`` (None: it never will)."""
@@ -207,6 +223,11 @@ class WorkerHandle:
     log: Any = attrs.field(factory=lambda: log.get("zpcid.service.supervisor"))
     _pidfd: int | None = None
     _gone: trio.Event = attrs.field(factory=trio.Event)
+    # Live restart: the state the next incarnation starts from (document, fds we hold),
+    # and whether the current one's exit is the hand-over rather than a crash.
+    restore: tuple[dict, list[int]] | None = None
+    replacing: bool = False
+    _serving: trio.Event = attrs.field(factory=trio.Event)
 
     async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Keep a worker running until cancelled or stopped; the first start's error propagates."""
@@ -230,6 +251,9 @@ class WorkerHandle:
                                    error=str(getattr(exc, "message", exc)))
                 if self.stopping:
                     break
+                if self.replacing:
+                    self.replacing = False
+                    continue  # a hand-over: the successor starts at once
                 if trio.current_time() - started > HEALTHY_AFTER:
                     backoff = BACKOFF_FIRST
                 await trio.sleep(backoff)
@@ -237,6 +261,7 @@ class WorkerHandle:
         finally:
             self._kill()
             self._close_pidfd()
+            self.drop_restore()
             self.state = "stopped"
             self._gone.set()
 
@@ -255,18 +280,29 @@ class WorkerHandle:
         try:
             async with trio.open_nursery() as n:
                 n.start_soon(rpc.read)
+                args, fds = self.init_args(), [self.listener.fileno()]
+                restore, self.restore = self.restore, None
+                if restore is not None:
+                    args = dict(args, restore=restore[0])
+                    fds += restore[1]
                 try:
-                    await rpc.call("init", self.init_args(), [self.listener.fileno()],
-                                   timeout=INIT_TIMEOUT)
+                    await rpc.call("init", args, fds, timeout=INIT_TIMEOUT)
                 except (Closed, CommandError) as exc:
                     failure = exc
                     n.cancel_scope.cancel()
                 else:
                     self.rpc = rpc
-                    self.attached = False
+                    self.attached = restore is not None and restore[0]["fields"].get("endpoint") is not None
                     self.state = "serving"
-                    self.log.info("worker_started", fid=self.fid, uid=self.uid, pid=pid)
+                    self.log.info("worker_started", fid=self.fid, uid=self.uid, pid=pid,
+                                  restored=restore is not None)
+                    self._serving.set()
                     serving()
+                finally:
+                    # The worker has its own copies now (or died: then its VMM is
+                    # told by the connection closing with these).
+                    if restore is not None:
+                        close_fds(restore[1])
                 # the nursery ends when the reader sees end of file: the worker is gone
         finally:
             channel.close()
@@ -281,7 +317,7 @@ class WorkerHandle:
                                            f"starting: {exit_reason(status)}")
         status = await self.zygote.exit_status(pid, parent)
         self._close_pidfd()
-        if self.stopping:
+        if self.stopping or self.replacing:
             return
         self.restarts += 1
         self.state = "restarting"
@@ -328,6 +364,66 @@ class WorkerHandle:
             pass
         with trio.move_on_after(STOP_TIMEOUT):
             await self._gone.wait()
+
+    # ------------------------------------------------------------------ live restart
+    async def quiesce_and_snapshot(self, timeout: float = QUIESCE_TIMEOUT) -> tuple[dict, list[int]]:
+        """Quiesce the worker and take its session's snapshot (document, fds now ours).
+
+        The worker stays quiesced: ``abandon`` (hand-over done) or ``resume`` follows.
+        """
+        if self.state != "serving" or self.rpc is None:
+            raise CommandError("unavailable", f"fid {self.fid:#x}: worker is {self.state}")
+        rpc = self.rpc
+        try:
+            await rpc.call("quiesce", {"timeout": timeout}, timeout=timeout + RPC_TIMEOUT)
+            try:
+                result, fds = await rpc.call("snapshot")
+            except CommandError:
+                await rpc.call("resume")
+                raise
+        except Closed:
+            raise CommandError("unavailable", f"fid {self.fid:#x}: worker exited") from None
+        return result["state"], fds
+
+    async def resume(self) -> None:
+        if self.rpc is not None:
+            try:
+                await self.rpc.call("resume")
+            except (Closed, CommandError):
+                pass
+
+    async def abandon(self) -> None:
+        """The old worker lets go (it exits) without a word to its VMM."""
+        self.replacing = True
+        self._serving = trio.Event()
+        if self.rpc is not None:
+            try:
+                await self.rpc.call("abandon", timeout=STOP_TIMEOUT)
+            except (Closed, CommandError):
+                self._kill()  # it must not touch the VMM socket any more
+
+    async def live_restart(self, timeout: float = QUIESCE_TIMEOUT) -> dict[str, Any]:
+        """Replace the worker by a new process (new code) with its VMM staying attached."""
+        t0 = trio.current_time()
+        doc, fds = await self.quiesce_and_snapshot(timeout)
+        paused = trio.current_time()
+        self.restore = (doc, fds)
+        old = self.pid
+        await self.abandon()
+        with trio.move_on_after(INIT_TIMEOUT):
+            await self._serving.wait()
+        if self.state != "serving":
+            raise CommandError("internal", f"fid {self.fid:#x}: the new worker did not start")
+        now = trio.current_time()
+        self.log.info("worker_replaced", fid=self.fid, uid=self.uid, old_pid=old, pid=self.pid,
+                      quiesce_ms=round((paused - t0) * 1e3, 2), pause_ms=round((now - t0) * 1e3, 2))
+        return {"old_pid": old, "pid": self.pid, "attached": self.attached,
+                "pause_ms": round((now - t0) * 1e3, 3)}
+
+    def drop_restore(self) -> None:
+        if self.restore is not None:
+            close_fds(self.restore[1])
+            self.restore = None
 
     def _kill(self) -> None:
         if self._pidfd is not None:

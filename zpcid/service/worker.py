@@ -15,15 +15,28 @@ import signal
 import socket
 from typing import Any
 
+import attrs
 import structlog
 import trio
 
 from zpcid import log
+from zpcid import snapshot as snapshots
 from zpcid.service import config as cfg
 from zpcid.service import metrics
 from zpcid.service.channel import Channel, ChannelError, Closed, error, set_process_name
-from zpcid.vfio_user.server import FunctionServer
+from zpcid.vfio_user.server import FunctionServer, SessionSnapshot
 from zpcid.vfio_user.transport import close_fds
+
+
+QUIESCE_TIMEOUT = 10.0
+
+
+@attrs.frozen
+class WithFds:
+    """A reply result that carries fds (sent with it, still ours afterwards)."""
+
+    result: Any
+    fds: list[int]
 
 
 class RequestError(Exception):
@@ -46,6 +59,8 @@ class Worker:
         self.server: FunctionServer | None = None
         self.fc: cfg.FunctionConfig | None = None
         self._stop = trio.Event()
+        self._handed_over = False  # after `abandon`: another process serves the function
+        self._restore = None  # the SessionSnapshot `init` brought
         self._events_send, self._events_recv = trio.open_memory_channel(64)
 
     async def run(self) -> int:
@@ -68,16 +83,21 @@ class Worker:
             pass  # the supervisor is gone: nothing is left to serve for
         finally:
             with trio.CancelScope(shield=True):
-                self.function.close()
+                if not self._handed_over:
+                    self.function.close()
         self.log.info("worker_exiting")
         return 0
 
     async def _init(self, msg, fds) -> bool:
         rid = msg.get("id")
         try:
-            if msg.get("op") != "init" or len(fds) != 1:
-                raise RequestError("bad-request", "expected 'init' with the listening socket")
             args = msg.get("args") or {}
+            restore = args.get("restore")
+            if msg.get("op") != "init" or not fds or (len(fds) != 1 and restore is None):
+                raise RequestError("bad-request", "expected 'init' with the listening socket")
+            if restore is not None:
+                # fds[0] is the listening socket, the rest the snapshot's (in its order)
+                snap_fds, fds[:] = fds[1:], fds[:1]
             self.fc = fc = function_config(args["function"])
             structlog.contextvars.bind_contextvars(fid=fc.fid, uid=fc.uid)
             set_process_name(f"zpcid-fn{fc.fid:x}")
@@ -85,9 +105,12 @@ class Worker:
                 self.function = fc.create()
             except cfg.ConfigError as exc:
                 raise RequestError("invalid", str(exc)) from None
+            resume = None
+            if restore is not None:
+                resume = self._restore_function(fc, restore, snap_fds)
             listener = trio.socket.from_stdlib_socket(socket.socket(fileno=fds.pop()))
             self.server = FunctionServer(self.function, fc.socket, mode=args.get("socket_mode", 0o600),
-                                         listener=listener, on_attached=self._attached)
+                                         listener=listener, on_attached=self._attached, resume=resume)
             return True
         except RequestError as exc:
             close_fds(fds)
@@ -97,6 +120,29 @@ class Worker:
             close_fds(fds)
             await self.channel.send(error(rid, "bad-request", f"bad init: {exc}"))
             return False
+
+    def _restore_function(self, fc, doc, fds):
+        """Become the function of a hand-over; on a snapshot this build cannot take,
+        say why, hang up on its VMM (it must not wait for answers that never come)
+        and start clean."""
+        try:
+            snap = snapshots.decode(doc, fds)
+            snapshots.expect(snap, SessionSnapshot)
+        except snapshots.SnapshotError as exc:
+            close_fds(fds)
+            self.log.error("restore_refused", error=str(exc), action="vmm disconnected, function starts clean")
+            return None
+        try:
+            self.function.restore(snap.function)
+        except snapshots.SnapshotError as exc:
+            if snap.endpoint is not None:
+                snap.endpoint.close_fds()
+            self.log.error("restore_refused", error=str(exc), action="vmm disconnected, function starts clean")
+            self.function.close()
+            self.function = fc.create()
+            return None
+        self.log.info("function_restored", attached=snap.endpoint is not None)
+        return snap.endpoint
 
     async def _serve_function(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
         with self.server._listener:  # noqa: SLF001 - our duplicate of the supervisor's socket
@@ -127,19 +173,23 @@ class Worker:
         op = msg.get("op")
         args = msg.get("args")
         handler = HANDLERS.get(op) if isinstance(op, str) else None
+        reply_fds: list[int] = []
         try:
             if handler is None:
                 raise RequestError("not-supported", f"worker does not know op {op!r}")
             if not isinstance(args, dict):
                 raise RequestError("bad-request", "'args' must be an object")
-            reply = {"id": rid, "ok": True, "result": await handler(self, args)}
+            result = await handler(self, args)
+            if isinstance(result, WithFds):
+                result, reply_fds = result.result, result.fds
+            reply = {"id": rid, "ok": True, "result": result}
         except RequestError as exc:
             reply = error(rid, exc.code, exc.message)
         except Exception as exc:  # a bug in one request must not end the function
             self.log.exception("worker_request_crashed", op=op)
             reply = error(rid, "internal", f"{type(exc).__name__}: {exc}")
-        await self.channel.send(reply)
-        if op == "stop" and reply["ok"]:
+        await self.channel.send(reply, reply_fds)
+        if op in ("stop", "abandon") and reply["ok"]:
             self._stop.set()  # only now: the supervisor has its answer
 
     # ------------------------------------------------------------------ requests
@@ -209,6 +259,36 @@ class Worker:
         # Answered first (see _answer); leaving the nursery then detaches an attached VMM.
         return {}
 
+    # ------------------------------------------------------------------ live restart
+    async def op_quiesce(self, args):
+        """Stop at a message boundary with device work done (bounded by ``timeout``)."""
+        timeout = float(args.get("timeout", QUIESCE_TIMEOUT))
+        with trio.move_on_after(timeout):
+            attached = await self.server.quiesce()
+            return {"quiesced": True, "attached": attached}
+        self.server.resume()
+        raise RequestError("busy", f"device work did not finish within {timeout:g} s")
+
+    async def op_snapshot(self, args):
+        """The session's snapshot as a document, its fds beside it (borrowed: ours stay
+        open until `abandon` or `resume`)."""
+        try:
+            snap = await self.server.handover()
+            doc, fds = snapshots.encode(snap)
+        except snapshots.SnapshotError as exc:
+            raise RequestError("busy", f"cannot snapshot: {exc}") from None
+        return WithFds({"state": doc}, fds)
+
+    async def op_resume(self, args):
+        self.server.resume()
+        return {}
+
+    async def op_abandon(self, args):
+        """The successor took over: close our copies, touch nothing shared, exit."""
+        await self.server.abandon()
+        self._handed_over = True
+        return {}
+
     async def op_ping(self, args):
         return {"pid": os.getpid()}
 
@@ -216,8 +296,8 @@ class Worker:
 HANDLERS = {"show": Worker.op_show, "sample": Worker.op_sample, "mappings": Worker.op_mappings,
             "events": Worker.op_events, "inject-error": Worker.op_inject_error,
             "reset": Worker.op_reset, "set": Worker.op_set, "release": Worker.op_release,
-            "stop": Worker.op_stop, "ping": Worker.op_ping}
-# `quiesce`, `snapshot`, `resume` (live restart, issue 13) answer not-supported until implemented.
+            "stop": Worker.op_stop, "ping": Worker.op_ping, "quiesce": Worker.op_quiesce,
+            "snapshot": Worker.op_snapshot, "resume": Worker.op_resume, "abandon": Worker.op_abandon}
 
 
 def main(fd: int) -> int:

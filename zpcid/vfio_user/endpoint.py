@@ -27,8 +27,9 @@ from protocol.vfio_user import consts as C
 from protocol.vfio_user import messages as M
 from protocol.vfio_user.connection import Connection, Reply, Request, Role, State
 from protocol.vfio_user.framing import Message
-from protocol.vfio_user.header import HEADER, HEADER_SIZE, Command, Flags
+from protocol.vfio_user.header import Command, Flags
 from zpcid import log
+from zpcid.snapshot import Fd, Snapshot, SnapshotError, expect
 from zpcid.vfio_user.device import VfioDevice
 from zpcid.vfio_user.dma import DmaFault
 from zpcid.vfio_user.transport import Transport, TransportError, close_fds
@@ -53,7 +54,6 @@ NEGOTIATE_TIMEOUT = 5.0
 SEND_TIMEOUT = 10.0
 
 _REGION_HEAD = struct.Struct("<QII")  # REGION_READ/WRITE: offset, region, count
-_REPLY = Flags.REPLY
 _NO_REPLY = Flags.NO_REPLY
 
 
@@ -99,6 +99,12 @@ class Endpoint:
         self._session_scope = trio.CancelScope()
         self._drop_reason: str | None = None
         self.connected_at = time.time()
+        # Live restart: the connection task parks at a message boundary while
+        # ``_pause`` is set; ``_parked`` tells quiesce() it got there (or ended).
+        self._pause = False
+        self._parked = trio.Event()
+        self._unpause = trio.Event()
+        self._recv_scope: trio.CancelScope | None = None
 
     @property
     def framer(self):
@@ -110,6 +116,12 @@ class Endpoint:
 
     # ------------------------------------------------------------------ main loop
     async def run(self) -> None:
+        try:
+            await self._run()
+        finally:
+            self._parked.set()  # a quiesce() waiting for us learns the session ended
+
+    async def _run(self) -> None:
         try:
             async with trio.open_nursery() as nursery:
                 self._session_scope = nursery.cancel_scope
@@ -139,7 +151,7 @@ class Endpoint:
         backlog = self._backlog
         served = 0
         while True:
-            while backlog:
+            while backlog and not self._pause:
                 msg = backlog.popleft()
                 self._backlog_bytes -= msg.header.msg_size
                 if self.conn.state is State.AWAIT_VERSION:
@@ -156,7 +168,15 @@ class Endpoint:
                 if self.conn.state is State.AWAIT_VERSION:
                     raise Disconnect(self._drop_reason or "closed before VERSION")
                 return
-            await self._receive()
+            if self._pause:
+                self._parked.set()
+                await self._unpause.wait()
+                continue
+            # Cancelled only by quiesce(), and only while waiting for input:
+            # nothing read is lost.
+            with trio.CancelScope() as self._recv_scope:
+                await self._receive()
+            self._recv_scope = None
 
     async def _receive(self) -> None:
         """Read once as the only reader (or wait for the current reader's read)."""
@@ -249,9 +269,9 @@ class Endpoint:
             self._drop(f"no VERSION within {NEGOTIATE_TIMEOUT:g} s")
 
     def _reply(self, msg: Message, payload: bytes = b"", fds=()) -> None:
-        h = msg.header
-        if not h.flags & _NO_REPLY:
-            self._send(HEADER.pack(h.msg_id, h.cmd, HEADER_SIZE + len(payload), _REPLY, 0) + payload, fds)
+        data = self.conn.reply(msg, payload)
+        if data is not None:
+            self._send(data, fds)
 
     def _error(self, msg: Message, err: int, reason: str) -> None:
         self.stats.errors += 1
@@ -319,7 +339,7 @@ class Endpoint:
         return fds
 
     async def _h_get_info(self, msg, fds):
-        req = M.DeviceInfo.unpack(msg.payload)
+        M.DeviceInfo.unpack(msg.payload)  # validates the request
         flags, nregions, nirqs = self.device.device_info()
         self._reply(msg, M.DeviceInfo(M.DeviceInfo.SIZE, flags, nregions, nirqs).pack())
         return fds
@@ -427,6 +447,82 @@ class Endpoint:
         Command.MIG_DATA_WRITE: _h_mig_data,
     }
 
+    # ------------------------------------------------------------------ live restart
+    async def quiesce(self) -> bool:
+        """Stop serving at a message boundary and stop reading; False if the session ended.
+
+        Device work still running may read (its DMA replies); commands it finds
+        wait in the backlog.  Call ``resume`` to go on, or ``snapshot`` once the
+        device is idle too.
+        """
+        self._pause = True
+        self._unpause = trio.Event()
+        if self._recv_scope is not None:
+            self._recv_scope.cancel()
+        await self._parked.wait()
+        return not self._input_closed
+
+    def resume(self) -> None:
+        self._pause = False
+        self._parked = trio.Event()
+        self._unpause.set()
+
+    @property
+    def quiesced(self) -> bool:
+        return self._pause and self._parked.is_set() and not self._input_closed
+
+    async def snapshot(self) -> "EndpointSnapshot":
+        """The connection as it stands (quiesced, device idle): negotiated state, the
+        bytes read but not served with their fds, and the socket itself (borrowed)."""
+        if not self.quiesced or self._reading:
+            raise SnapshotError("endpoint is not quiesced")
+        await self.transport.flush()  # every reply is on the wire before anyone else writes
+        try:
+            conn = self.conn.export_state()
+        except ValueError as exc:
+            raise SnapshotError(f"endpoint busy: {exc}") from None
+        stream = bytearray()
+        fds: dict[int, tuple] = {}
+        for msg in self._backlog:
+            if msg.fds:
+                fds[len(stream)] = tuple(Fd(fd) for fd in msg.fds)
+            h = msg.header
+            stream += HEADER.pack(h.msg_id, h.cmd, h.msg_size, h.flags, h.error_no) + msg.payload
+        rest, rest_fds = self.framer.export_buffer()
+        for off, group in rest_fds.items():
+            fds[len(stream) + off] = tuple(Fd(fd) for fd in group)
+        stream += rest
+        st = self.stats
+        return EndpointSnapshot(
+            socket=Fd(self.transport.fileno()), connection=conn, unread=bytes(stream), unread_fds=fds,
+            stats={k: getattr(st, k) for k in Stats.__slots__}, connected_at=self.connected_at)
+
+    def restore(self, snap: "EndpointSnapshot") -> None:
+        """Continue the connection of ``snap`` (this endpoint was made on its socket and
+        has not run yet); takes the fds of the unread messages."""
+        try:
+            expect(snap, EndpointSnapshot)
+            try:
+                conn = Connection.from_state(snap.connection)
+            except (KeyError, TypeError, ValueError) as exc:
+                raise SnapshotError(f"vfio-user connection state: {exc}") from None
+            if conn.role is not Role.SERVER:
+                raise SnapshotError("connection state is not a server's")
+            msgs = conn.framer.import_buffer(snap.unread, {k: tuple(map(int, v))
+                                                           for k, v in snap.unread_fds.items()})
+        except BaseException:
+            for group in snap.unread_fds.values():
+                close_fds(list(group))
+            raise
+        self.conn = conn
+        for msg in msgs:
+            self._backlog.append(msg)
+            self._backlog_bytes += msg.header.msg_size
+        for k, v in snap.stats.items():
+            if k in Stats.__slots__:
+                setattr(self.stats, k, v)
+        self.connected_at = snap.connected_at
+
     # ------------------------------------------------------------------ server -> client DMA
     @property
     def client_max_xfer(self) -> int:
@@ -496,3 +592,16 @@ class Endpoint:
                     raise DmaFault(addr + off, n, True, f"bad DMA_WRITE reply: {exc}") from None
                 if acc.addr != addr + off or acc.count != n:
                     raise DmaFault(addr + off, n, True, "DMA_WRITE reply does not match request")
+
+
+@attrs.frozen
+class EndpointSnapshot(Snapshot):
+    """One client connection between two messages."""
+
+    KIND = "vfio_user.endpoint"
+    socket: Fd  # the connected socket
+    connection: dict  # Connection.export_state()
+    unread: bytes  # commands read but not served, then a partial message
+    unread_fds: dict  # stream offset of a message -> its fds
+    stats: dict
+    connected_at: float

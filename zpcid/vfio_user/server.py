@@ -7,11 +7,13 @@ import os
 import socket
 import stat
 
+import attrs
 import trio
 
 from protocol.vfio_user.header import HEADER_SIZE, Header, error_reply
 from zpcid import log
-from zpcid.vfio_user.endpoint import Endpoint
+from zpcid.snapshot import Snapshot, SnapshotError
+from zpcid.vfio_user.endpoint import Endpoint, EndpointSnapshot
 from zpcid.vfio_user.transport import SocketTransport, close_fds
 
 REFUSE_TIMEOUT = 2.0
@@ -85,10 +87,12 @@ class FunctionServer:
     """Listens on a function's socket and runs one ``Endpoint`` at a time."""
 
     def __init__(self, function, path: str, *, mode: int = 0o600,
-                 listener: trio.socket.SocketType | None = None, on_attached=None):
+                 listener: trio.socket.SocketType | None = None, on_attached=None,
+                 resume: EndpointSnapshot | None = None):
         """``listener``: an already listening socket someone else owns (the supervisor
         keeps the path and the socket across worker restarts); ``on_attached(bool)`` is
-        told of every attach and detach."""
+        told of every attach and detach; ``resume``: continue that client's connection
+        (live restart; the function has been restored from the same hand-over)."""
         self.function = function
         self.path = path
         self.mode = mode
@@ -101,10 +105,20 @@ class FunctionServer:
         self._owns_listener = listener is None
         self._on_attached = on_attached or (lambda attached: None)
         self._pending_refusals = 0
+        self._resume = resume
+        self._accept_scope: trio.CancelScope | None = None
+        self._accepting = trio.Event()  # cleared while quiesced
+        self._accepting.set()
+        self._handed_over = False
 
     @property
     def attached(self) -> bool:
         return self.endpoint is not None
+
+    async def wait_detached(self) -> None:
+        """Return once no client is attached (the last one's teardown finished)."""
+        while self.endpoint is not None:
+            await self._detached.wait()
 
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         if self._owns_listener:
@@ -114,8 +128,15 @@ class FunctionServer:
         try:
             async with trio.open_nursery() as nursery:
                 task_status.started(self)
+                if self._resume is not None:
+                    resume, self._resume = self._resume, None
+                    self._start_session(socket.socket(fileno=int(resume.socket)), nursery, resume)
                 while True:
-                    conn = await accept(sock, self.log)
+                    await self._accepting.wait()
+                    with trio.CancelScope() as self._accept_scope:
+                        conn = await accept(sock, self.log)
+                    if self._accept_scope.cancelled_caught:
+                        continue  # quiesced before a client came
                     if self.endpoint is None:
                         self._start_session(conn, nursery)
                     elif self._pending_refusals >= MAX_PENDING_REFUSALS:
@@ -127,18 +148,22 @@ class FunctionServer:
             if self._owns_listener:
                 sock.close()
                 try:
-                    if stat.S_ISSOCK(os.lstat(self.path).st_mode):
+                    # After a hand-over the path is the next process's.
+                    if not self._handed_over and stat.S_ISSOCK(os.lstat(self.path).st_mode):
                         os.unlink(self.path)
                 except FileNotFoundError:
                     pass
             if self.endpoint is None:
                 self._detached.set()
 
-    def _start_session(self, conn, nursery) -> None:
-        self.endpoint = Endpoint(SocketTransport(conn), self.function, name=self.function.name,
-                                 max_dma_maps=self.function.dma.max_maps)
+    def _start_session(self, conn, nursery, resume: EndpointSnapshot | None = None) -> None:
+        endpoint = Endpoint(SocketTransport(conn), self.function, name=self.function.name,
+                            max_dma_maps=self.function.dma.max_maps)
+        if resume is not None:
+            endpoint.restore(resume)
+        self.endpoint = endpoint
         self._detached = trio.Event()
-        nursery.start_soon(self._session, self.endpoint)
+        nursery.start_soon(self._session, endpoint, resume is not None)
 
     async def _wait_or_refuse(self, conn, nursery) -> None:
         """A VMM that reconnects right after hanging up may beat the old session's
@@ -146,8 +171,7 @@ class FunctionServer:
         self._pending_refusals += 1
         try:
             with trio.move_on_after(HANDOVER_TIMEOUT):
-                while self.endpoint is not None:
-                    await self._detached.wait()
+                await self.wait_detached()
             if self.endpoint is None:
                 self._start_session(conn, nursery)
             else:
@@ -155,9 +179,9 @@ class FunctionServer:
         finally:
             self._pending_refusals -= 1
 
-    async def _session(self, endpoint: Endpoint) -> None:
-        self.function.attach(endpoint)
-        self.log.info("attach", socket=self.path)
+    async def _session(self, endpoint: Endpoint, resumed: bool = False) -> None:
+        self.function.attach(endpoint, resumed=resumed)
+        self.log.info("attach", socket=self.path, resumed=resumed)
         self._on_attached(True)
         try:
             with trio.CancelScope() as scope:
@@ -176,7 +200,10 @@ class FunctionServer:
             self._session_scope = None
             self.function.tasks = None
             with trio.CancelScope(shield=True):
-                self.function.detach()
+                if self._handed_over:
+                    self.function.release()  # the next process serves this client now
+                else:
+                    self.function.detach()
             self.endpoint = None
             self._detached.set()
             self._on_attached(False)
@@ -224,3 +251,56 @@ class FunctionServer:
         if self._session_scope is not None:
             self.log.warning("detach_forced")
             self._session_scope.cancel()
+
+    # ------------------------------------------------------------------ live restart
+    async def quiesce(self) -> bool:
+        """Stop accepting, stop serving at a message boundary, let device work finish.
+
+        Returns whether a client is (still) attached.  ``handover`` or
+        ``resume`` follows.
+        """
+        self._accepting = trio.Event()
+        if self._accept_scope is not None:
+            self._accept_scope.cancel()
+        endpoint = self.endpoint
+        attached = endpoint is not None and await endpoint.quiesce()
+        await self.function.quiesce()
+        return attached and self.endpoint is endpoint
+
+    def resume(self) -> None:
+        """Go on serving after ``quiesce`` (the hand-over was abandoned)."""
+        self.function.resume()
+        if self.endpoint is not None:
+            self.endpoint.resume()
+        self._accepting.set()
+
+    async def handover(self) -> "SessionSnapshot":
+        """Everything the next process needs to continue this function and its client
+        (fds borrowed: pass them on, then ``abandon``)."""
+        endpoint = self.endpoint
+        esnap = await endpoint.snapshot() if endpoint is not None else None
+        return SessionSnapshot(function=self.function.snapshot(), endpoint=esnap)
+
+    def listener_fd(self) -> int:
+        if self._listener is None:
+            raise RuntimeError("not listening")
+        return self._listener.fileno()
+
+    async def abandon(self) -> None:
+        """After a hand-over: stop without a word to the client and without resetting
+        anything shared (the next process serves both now); returns once our copies
+        are closed.  Cancel ``serve`` afterwards."""
+        self._handed_over = True
+        if self._session_scope is not None:
+            self._session_scope.cancel()
+        if self.endpoint is not None:
+            await self._detached.wait()
+
+
+@attrs.frozen
+class SessionSnapshot(Snapshot):
+    """A function and its attached client (``endpoint`` None when detached)."""
+
+    KIND = "vfio_user.session"
+    function: Snapshot
+    endpoint: EndpointSnapshot | None

@@ -128,19 +128,46 @@ class ZpciMailbox:
     # ------------------------------------------------------------------ mailbox
     async def command(self, cmd: int, r1: int = 0, r2: int = 0, r3: int = 0, *,
                       fib: bytes | None = None, data: bytes | None = None) -> Result:
-        base = Zr.MAILBOX
+        if not self.mapped:
+            return await self._command_regio(cmd, r1, r2, r3, fib=fib, data=data)
+        offset, doorbell = self.prepare(cmd, r1, r2, r3, fib=fib, data=data)
+        await self.client.region_write(self.index, offset, doorbell, via_mmap=False)
+        return self.result()
+
+    def prepare(self, cmd: int, r1: int = 0, r2: int = 0, r3: int = 0, *,
+                fib: bytes | None = None, data: bytes | None = None) -> tuple[int, bytes]:
+        """Write an instruction's operands into the mmap; returns the doorbell write
+        (offset, data) that runs it."""
+        if not self.mapped:
+            raise RuntimeError("prepare() needs the region mmapped")
+        mm, base = self.mm, Zr.MAILBOX
+        struct.pack_into("<QQQ", mm, base + Zr.MB_R1, r1, r2, r3)
+        if fib is not None:
+            mm[base + Zr.MB_FIB : base + Zr.MB_FIB + Zr.FIB_SIZE] = fib.ljust(Zr.FIB_SIZE, b"\0")
+        if data is not None:
+            mm[Zr.MB_DATA : Zr.MB_DATA + len(data)] = data
+        return base + Zr.MB_DOORBELL, struct.pack("<I", cmd)
+
+    def result(self) -> Result:
+        """The outcome of the last instruction, from the mailbox (the mmap, or the
+        last REGION_READ of the results)."""
+        return self._parse_results(bytes(self.mm[Zr.MAILBOX + Zr.MB_RESULT : Zr.MAILBOX + Zr.MB_RESULTS_END]))
+
+    async def _command_regio(self, cmd: int, r1: int, r2: int, r3: int, *,
+                             fib: bytes | None, data: bytes | None) -> Result:
+        """Without the mmap: data, then one write of doorbell + operands (+ FIB), then one read."""
         if data is not None:
             await self.write(Zr.MB_DATA, data)
-        operands = struct.pack("<I4xQQQ", cmd, r1, r2, r3)
+        operands = struct.pack(Zr.OPERANDS_FORMAT, cmd, r1, r2, r3)
         if fib is not None:
-            operands += fib.ljust(80, b"\0")
-        if self.mapped:
-            self.mm[base + Zr.MB_R1 : base + len(operands)] = operands[Zr.MB_R1:]
-            operands = operands[:4]  # the doorbell write alone runs the command
-        await self.client.region_write(self.index, base + Zr.MB_DOORBELL, operands, via_mmap=False)
-        raw = await self.read(base + Zr.MB_RESULT, Zr.MB_RESULTS_END - Zr.MB_RESULT)
-        result, cc, status, exc, wb, r1_out = struct.unpack_from("<IBBBBQ", raw, 0)
-        fib_out = raw[Zr.MB_FIB_OUT - Zr.MB_RESULT : Zr.MB_FIB_OUT - Zr.MB_RESULT + 80]
+            operands += fib.ljust(Zr.FIB_SIZE, b"\0")
+        await self.client.region_write(self.index, Zr.MAILBOX + Zr.MB_DOORBELL, operands, via_mmap=False)
+        return self._parse_results(await self.read(Zr.MAILBOX + Zr.MB_RESULT, Zr.MB_RESULTS_END - Zr.MB_RESULT))
+
+    @staticmethod
+    def _parse_results(raw: bytes) -> Result:
+        result, cc, status, exc, wb, r1_out = struct.unpack_from(Zr.RESULT_FORMAT, raw, 0)
+        fib_out = raw[Zr.MB_FIB_OUT - Zr.MB_RESULT : Zr.MB_FIB_OUT - Zr.MB_RESULT + Zr.FIB_SIZE]
         r2_out, = struct.unpack_from("<Q", raw, Zr.MB_R2_OUT - Zr.MB_RESULT)
         return Result(result, cc, status, exc, r1_out, fib_out, wb, r2_out)
 

@@ -22,7 +22,7 @@ from zpcid.vfio_user.regions import MemfdRegionSnapshot, RegionError
 from zpcid.zpci import instructions as I
 from zpcid.zpci.dma_path import ZpciDmaPath
 from zpcid.zpci.interrupts import AdapterInterrupts, raise_vector
-from zpcid.zpci.iommu import DirectMap, RpcitResult, ShadowIotlb, TranslationError, rpcit
+from zpcid.zpci.iommu import DirectMap, RpcitResult, ShadowIotlb, TranslationError, rpcit_sliced
 from zpcid.zpci.iommu.shadow import ShadowSnapshot
 from zpcid.zpci.measurement import DEFAULT_MUI, FMB_LENGTH, Measurement
 from zpcid.zpci.port import FunctionPort
@@ -367,9 +367,10 @@ class ZpciCore:
         self.log.info("zpci_ioat", registered=False, unmapped=n)
         self.publish()
 
-    def refresh(self, start: int, length: int) -> RpcitResult:
-        """RPCIT's table walk into the shadow (validation included)."""
-        result = rpcit(self.shadow, self.memory, self.iota, self.pba, self.pal, start, length)
+    async def refresh(self, start: int, length: int) -> RpcitResult:
+        """RPCIT's table walk into the shadow (validation included), in slices that
+        let the event loop run."""
+        result = await rpcit_sliced(self.shadow, self.memory, self.iota, self.pba, self.pal, start, length)
         self.port.zpci_count("pages_mapped", result.mapped + result.changed)
         self.port.zpci_count("pages_unmapped", result.unmapped)
         if result.error is None:

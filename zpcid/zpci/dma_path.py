@@ -43,6 +43,12 @@ class ZpciDmaPath:
                 core.memory_fault(piova, gpa, exc, iova, length, True)
         core.account_dma(0, length)
 
+    @property
+    def view_generation(self) -> int | None:
+        """Changes whenever a view taken earlier may no longer be what its IOVA maps to;
+        None while the IOMMU translates (RPCIT can change a mapping at any time)."""
+        return None if self.core.translating else self.space.generation
+
     def views(self, iova: int, length: int, write: bool) -> list[memoryview] | None:
         """Memoryviews of the client memory behind an IOVA range, for I/O straight into
         or out of it; None where the memory is reachable only through DMA messages."""

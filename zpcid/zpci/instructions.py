@@ -68,7 +68,7 @@ async def execute(z: Core, cmd: int, r1: int, r2: int, r3: int) -> Outcome:
     if cmd == R.CMD_STPCIFC:
         return stpcifc(z, r1)
     if cmd == R.CMD_RPCIT:
-        return rpcit(z, r1, r2, r3)
+        return await rpcit(z, r1, r2, r3)
     if cmd == R.CMD_PCISTB:
         return await pcistb(z, r1, r3, r2, region.data(r1 & 0x1FFF))
     if cmd == R.CMD_PCILG:
@@ -237,7 +237,7 @@ def stpcifc(z: Core, r1: int) -> Outcome:
 # ---------------------------------------------------------------------- RPCIT
 
 
-def rpcit(z: Core, r1: int, start: int, length: int) -> Outcome:
+async def rpcit(z: Core, r1: int, start: int, length: int) -> Outcome:
     if not z.translating:
         return Outcome(result=R.RES_WRONG_MODE)
     if not _usable(z, r1 >> 32):
@@ -247,7 +247,7 @@ def rpcit(z: Core, r1: int, start: int, length: int) -> Outcome:
         return _cc1(Z.ZPCI_PCI_ST_FUNC_NOT_AVAIL)
     # The walk validates the RPCIT (no IOTA, then the range against [PBA, PAL],
     # also for a direct map) and refreshes the shadow: one place for both.
-    result = z.refresh(start, length)
+    result = await z.refresh(start, length)
     if result.error is not None:
         e = result.error
         z.error_event(e.pec, e.iova, str(e))
