@@ -62,12 +62,13 @@ OUTHDR = struct.Struct("<IIQ")  # struct virtio_blk_outhdr: type, ioprio, sector
 DWZ_SEG = struct.Struct("<QII")  # struct virtio_blk_discard_write_zeroes
 CONFIG_SIZE = 0x3C  # struct virtio_blk_config up to write_zeroes_may_unmap
 IO_CHUNK = 1 << 20  # bytes staged per step where guest memory has no views (DMA messages)
-NOWAIT_MAX = 256 << 10  # largest request tried inline against the page cache (bounds loop latency)
+NOWAIT_MAX = 1 << 20  # largest request tried inline against the page cache (bounds loop latency)
 IOV_MAX = 1024  # iovecs per preadv/pwritev (Linux UIO_MAXIOV)
 PAGE = 4096
 MAX_DISCARD_SECTORS = 1 << 22
 MAX_DISCARD_SEG = 32
 SLICE = 64  # requests a queue takes from its ring before letting other tasks run
+SLICE_BYTES = 4 << 20  # ... or bytes it copies inline, whichever comes first
 _TYPES = frozenset((VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID,
                     VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES))
 
@@ -434,6 +435,8 @@ class VirtioBlkFunction(ZpciFunction):
         except BaseException:
             self.backing.close()
             raise
+        # Let go of cached ring views before an unmap closes the memory behind them.
+        self.dma.listeners.append(self._dma_changed)
         self.limiter = trio.CapacityLimiter(io_threads)
         self.max_inflight = max_inflight
         self.service: Service | None = None
@@ -549,8 +552,11 @@ class VirtioBlkFunction(ZpciFunction):
             while not self.transport.needs_reset and not self._paused:
                 done: list[tuple[int, int]] = []
                 empty = False
+                moved = 0
                 try:
                     for _ in range(SLICE):  # bounded work before others get the loop
+                        if moved >= SLICE_BYTES:
+                            break
                         try:
                             slots.acquire_nowait()  # (no scheduler pass while slots are free)
                         except trio.WouldBlock:
@@ -574,6 +580,7 @@ class VirtioBlkFunction(ZpciFunction):
                         else:
                             slots.release()
                             done.append((chain.head, written))
+                            moved += chain.readable_len + written
                     if done:
                         await self._complete(q, done)
                     if empty and not await q.arm():
@@ -605,12 +612,14 @@ class VirtioBlkFunction(ZpciFunction):
         try:
             try:
                 written = await self._execute(chain, dma)
+                if q.inflight > 1 and not q.publishing:
+                    # Others are in flight: let those finishing in this same scheduler
+                    # pass join the batch, so one interrupt covers them all.
+                    await trio.lowlevel.checkpoint()
             finally:
+                # Counted until it is among the completed ones (no await between):
+                # a quiesce must not see "nothing in flight" while it waits here.
                 q.inflight -= 1
-            if q.inflight and not q.publishing:
-                # Others are in flight: let those finishing in this same scheduler
-                # pass join the batch, so one interrupt covers them all.
-                await trio.lowlevel.checkpoint()
             await self._complete(q, [(chain.head, written)])
         except Stopped:
             pass  # reset or detach: the driver no longer owns this ring
@@ -850,6 +859,11 @@ class VirtioBlkFunction(ZpciFunction):
     def _unsupp(self, rtype: int) -> int:
         self.log.info("virtio_blk_unsupported", type=rtype)
         return VIRTIO_BLK_S_UNSUPP
+
+    def _dma_changed(self, kind: str, region) -> None:
+        if kind == "unmap":
+            for q in self.queues.values():
+                q.release()  # (the next ring access resolves the views again)
 
     # ------------------------------------------------------------------ quiesce
     async def device_quiesce(self) -> None:

@@ -543,23 +543,34 @@ async def bench_virtio(rep: Report, quick: bool) -> None:
 
 
 # ---------------------------------------------------------------- driver
+SECTIONS = ("message", "pipelined", "mapping", "direct", "dma", "virtio", "isolation")
+
+
 async def run_async(daemon: Daemon, echo: F.Responder, floors: dict[str, F.Responder], rep: Report,
-                    quick: bool) -> None:
-    await bench_message_path(daemon, echo, floors, rep, quick)
-    await bench_pipelined(daemon, rep, quick)
-    await bench_mapping(daemon, rep, quick)
-    await bench_direct_map(daemon, echo, rep, quick)
-    await bench_dma(daemon, rep, quick)
-    await bench_virtio(rep, quick)
+                    quick: bool, sections: tuple[str, ...] = SECTIONS) -> None:
+    if "message" in sections:
+        await bench_message_path(daemon, echo, floors, rep, quick)
+    if "pipelined" in sections:
+        await bench_pipelined(daemon, rep, quick)
+    if "mapping" in sections:
+        await bench_mapping(daemon, rep, quick)
+    if "direct" in sections:
+        await bench_direct_map(daemon, echo, rep, quick)
+    if "dma" in sections:
+        await bench_dma(daemon, rep, quick)
+    if "virtio" in sections:
+        await bench_virtio(rep, quick)
 
 
-def run(quick: bool = False, as_json: bool = False, quiet: bool = False, compare_with: str | None = None) -> int:
+def run(quick: bool = False, as_json: bool = False, quiet: bool = False, compare_with: str | None = None,
+        sections: tuple[str, ...] = SECTIONS) -> int:
     old = None
     if compare_with:
         with open(compare_with) as f:
             old = json.load(f)
     rep = Report(quiet)
-    bench_shadow_memory(rep)
+    if "mapping" in sections:
+        bench_shadow_memory(rep)
     d = tempfile.mkdtemp(prefix="zpcid-bench-")
     started: list = []
     try:
@@ -572,11 +583,12 @@ def run(quick: bool = False, as_json: bool = False, quiet: bool = False, compare
         for kind in ("blocking", "trio"):
             floors[kind] = F.Responder(kind, d)
             started.append(floors[kind])
-        trio.run(run_async, daemon, echo, floors, rep, quick)
+        trio.run(run_async, daemon, echo, floors, rep, quick, sections)
         for s in reversed(started):
             s.close()
         started.clear()
-        bench_isolation.run(rep, quick)  # its own daemons
+        if "isolation" in sections:
+            bench_isolation.run(rep, quick)  # its own daemons
     finally:
         for s in reversed(started):
             s.close()
@@ -598,6 +610,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="smaller sizes and fewer batches (a smoke run)")
     p.add_argument("--quiet", action="store_true", help="no progress line")
     p.add_argument("--compare", metavar="OLD.json", help="print the change of each figure against an earlier --json run")
+    p.add_argument("--only", metavar="SECTION", action="append", choices=SECTIONS,
+                   help=f"run only these sections (repeatable): {', '.join(SECTIONS)}")
 
 
 def main(argv=None) -> int:
@@ -605,7 +619,7 @@ def main(argv=None) -> int:
     add_arguments(p)
     args = p.parse_args(argv)
     log.configure(fmt="json", level="error")
-    return run(args.quick, args.json, args.quiet, args.compare)
+    return run(args.quick, args.json, args.quiet, args.compare, tuple(args.only or SECTIONS))
 
 
 if __name__ == "__main__":

@@ -519,9 +519,10 @@ def rpcit(shadow: ShadowIotlb, mem: GuestMemory, iota: int, pba: int, pal: int,
         if w.error is not None or not w.skipped or shadow.available == 0 or attempt == max_rewalks:
             break
         res.rewalks += 1
-    _log.debug("rpcit", start=hex(start), length=hex(length), mapped=res.mapped,
-               unmapped=res.unmapped, changed=res.changed, skipped=res.skipped,
-               rewalks=res.rewalks, pec=res.error.pec if res.error else None)
+    if log.debug_enabled():  # per intercept: not even a filtered call
+        _log.debug("rpcit", start=hex(start), length=hex(length), mapped=res.mapped,
+                   unmapped=res.unmapped, changed=res.changed, skipped=res.skipped,
+                   rewalks=res.rewalks, pec=res.error.pec if res.error else None)
     return res
 
 
