@@ -7,7 +7,7 @@ import pytest
 
 from protocol.zpci import formats as Z
 from zpcid.vmm import client as vclient
-from zpcid.zpci import core as Zr
+from protocol.zpci import region as Zr
 from zpcid.devices import dma_engine as D
 from zpcid.vmm.dma_engine_driver import Driver
 from zpcid.vmm.model import attach
@@ -131,7 +131,7 @@ async def test_doorbell_while_disabled_or_in_error(sock_dir):
             assert error_of(st) == D.ERR_FAULT and vmm.box.state == Zr.State.DISABLED
             await vmm.enable_function()
             await direct(vmm)
-            srv.function.zpci.error(Z.ZPCI_PEC_SYSTEM_ERROR, 0, "test")
+            srv.function.inject_error(Z.ZPCI_PEC_SYSTEM_ERROR)
             st = await run(vmm, src=SDMA, dst=SDMA + PAGE, len=64, op=D.OP_COPY)
             assert error_of(st) == D.ERR_FAULT
             # bus mastering off: the device refuses before touching memory

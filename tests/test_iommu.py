@@ -291,10 +291,14 @@ def test_range_outside_pba_pal(g):
 
 def test_no_iota_and_unusable_designations(g):
     for iota, pec in [(0, T.ZPCI_PEC_INVALID_AS),
-                      (g.tables.root, T.ZPCI_PEC_INVALID_AS),  # T = 0: direct, no tables
                       (0x800 | (4 << 2) | 2, T.ZPCI_PEC_INVALID_TRANSLATION_FORMAT)]:
         r = g.rpcit(0x1000, 4096, iota=iota)
         assert (r.error.pec, r.error.iova) == (pec, 0x1000)
+    # T = 0 (direct mapping): nothing to refresh inside [PBA, PAL], out of range outside
+    r = g.rpcit(0x1000, 4096, iota=g.tables.root)
+    assert r.error is None and r.pages == 0 and g.shadow.mapped == 0
+    r = g.rpcit(g.pal + 1, 4096, iota=g.tables.root)
+    assert (r.error.pec, r.error.iova) == (T.ZPCI_PEC_OUT_OF_RANGE, g.pal + 1)
 
 
 def test_iova_beyond_the_reach_of_the_root(g):
@@ -723,7 +727,7 @@ def test_linux_like_sequences_keep_the_shadow_exact(ops, limit):
 
 
 # ------------------------------------------------------------------ small-range walk == vectorised walk
-# RPCITs over a few pages take a scalar walk (zpcid.zpci.iommu.SMALL_WALK_PAGES);
+# RPCITs over a few pages take a scalar walk (zpcid.zpci.iommu.walk.SMALL_WALK_PAGES);
 # the same inputs through both walks must give identical results and shadows.
 
 SCALAR, VECTOR = 1 << 20, 0  # small_walk_pages forcing one walk or the other
@@ -975,7 +979,7 @@ def test_small_walk_reads_tables_at_the_end_of_memory_like_the_vectorised_walk()
        window=st.tuples(st.integers(0, 60), st.integers(1, 64)),
        limit=st.sampled_from([65535, 300, 40]))
 def test_sliced_rpcit_equals_one_walk(monkeypatch, ops, window, limit):
-    import zpcid.zpci.iommu as iommu
+    import zpcid.zpci.iommu.walk as iommu
 
     monkeypatch.setattr(iommu, "SLICE_MIN", 4096)
     monkeypatch.setattr(iommu, "SLICE_START", 64 * 1024)
@@ -1003,7 +1007,7 @@ def test_sliced_rpcit_equals_one_walk(monkeypatch, ops, window, limit):
 
 
 async def test_sliced_rpcit_lets_other_tasks_run():
-    import zpcid.zpci.iommu as iommu
+    import zpcid.zpci.iommu.walk as iommu
 
     g = Guest()
     try:

@@ -33,12 +33,7 @@ DAEMON = ("zpcid.vfio_user", "zpcid.pci", "zpcid.zpci", "zpcid.devices", "zpcid.
 APPLICATION = ("zpcid.vmm", "zpcid.tools", "zpcid.cli")
 
 # Known upward edges, each with the reason it is still there.
-ALLOWED: set[tuple[str, str]] = {
-    # The PCI function still creates its zPCI layer; the abi11 helper replaces
-    # this with a narrow attach interface composed from above (issue 11).
-    ("zpcid.pci.function", "zpcid.zpci.core"),
-    ("zpcid.pci.function", "zpcid.zpci.properties"),
-}
+ALLOWED: set[tuple[str, str]] = set()  # the zPCI layer is composed onto functions from above
 
 
 def within(module: str, package: str) -> bool:

@@ -9,10 +9,11 @@ import pytest
 from protocol.zpci import formats as Z
 from protocol.zpci import tables as T
 from zpcid.vmm import client as vclient
-from zpcid.zpci import core as Zr
+from protocol.zpci import region as Zr
 from zpcid.devices import dma_engine as D
 from zpcid.vmm.dma_engine_driver import Driver
 from zpcid.devices.memory import MemoryFunction
+from zpcid.vfio_user.dma import DmaFault
 from zpcid.vmm.guest import pte
 from zpcid.vmm.zpci_client import ZpciMailbox
 from helpers import serving
@@ -277,8 +278,11 @@ async def test_direct_mapping_under_relaxed_translation(sock_dir):
         await env.box.mpcifc(Z.ZPCI_MOD_FC_RESET_ERROR, env.fib())
         assert (await env.box.mpcifc(Z.ZPCI_MOD_FC_DEREG_IOAT, env.fib())).cc == 0
         assert not fn.zpci.direct
+        # no translation registered: the DMA fails and is an error event (ABI 1.1)
         st = await dma(env, D.OP_FILL, 0, SDMA + 0x50_0000, 8)
-        assert st & D.STATUS_ERROR and fn.zpci.state == Zr.State.ENABLED  # no IOAT: no DMA, no event
+        assert st & D.STATUS_ERROR and fn.zpci.state == Zr.State.ERROR
+        (kind, pec, ccdf), = env.box.events()
+        assert pec == Z.ZPCI_PEC_INVALID_AS and Z.ErrorCcdf.unpack(ccdf).faddr == SDMA + 0x50_0000
 
 
 async def test_no_translation_refused_without_rtr(sock_dir):
@@ -387,7 +391,7 @@ async def test_pcilg_pcistg_storage_order(sock_dir):
         assert r.r1 == 0x11223344
         assert (await box.pcilg(4, 0x06, 4)).exception == Zr.EXC_OPERAND  # crosses a doubleword
         assert (await box.pcilg(15, 2, 4)).exception == Zr.EXC_OPERAND  # crosses a word
-        fn.zpci.error(Z.ZPCI_PEC_SYSTEM_ERROR)
+        fn.inject_error(Z.ZPCI_PEC_SYSTEM_ERROR)
         r = await box.pcilg(4, 0, 4)
         assert (r.cc, r.status) == (1, Z.ZPCI_PCI_ST_BLOCKED)
 
@@ -395,7 +399,9 @@ async def test_pcilg_pcistg_storage_order(sock_dir):
 # ---------------------------------------------------------------- FMB, lifecycle
 
 
-async def test_fmb_counts_refreshes_and_dma(sock_dir):
+async def test_fmb_counts_refreshes_and_dma(sock_dir, autojump_clock):
+    import trio
+
     fn = engine()
     async with zpci_env(sock_dir, fn) as env:
         fmb = 0x7000
@@ -407,9 +413,13 @@ async def test_fmb_counts_refreshes_and_dma(sock_dir):
         for _ in range(3):
             assert (await env.box.rpcit(SDMA, 2 * PAGE)).cc == 0
         assert ok(await dma(env, D.OP_COPY, SDMA, SDMA + PAGE, 1000))
+        # written at registration, then every MUI (not after each operation)
+        assert Z.Fmb.unpack(env.mem.read(fmb, 64)).rpcit_ops == 0
+        mui = Z.ClpQueryPciFnGrpResponse.unpack(env.box.clp_block("group")).mui
+        await trio.sleep(mui / 1000 + 0.5)  # mock clock: one MUI tick
         block = Z.Fmb.unpack(env.mem.read(fmb, 64))
         assert block.rpcit_ops == 3 and block.dma_rbytes == 1000 and block.dma_wbytes == 1000
-        assert block.samples >= 4 and not block.last_update & 1
+        assert block.samples == 1 and not block.last_update & 1
 
 
 async def test_detach_resets_zpci_state(sock_dir):
@@ -468,3 +478,44 @@ async def test_release_request_queues_availability_event(sock_dir):
             os.close(req[0])
     # the VMM did not let go: the release was forced and the function reset
     assert not env.server.attached and fn.zpci.state == Zr.State.DISABLED
+
+
+async def test_stock_vmm_gets_no_err_irq_for_errors_or_removal(sock_dir):
+    """A VMM that never set VMM_EVENTS (stock QEMU stops the VM on the ERR IRQ):
+    events still go into the ring, removal is asked through the REQ IRQ only."""
+    import trio
+
+    fn = engine()
+    async with zpci_env(sock_dir, fn, tables=False, vmm_flags=0) as env:
+        fn.inject_error(Z.ZPCI_PEC_SYSTEM_ERROR)
+        assert [p for _, p, _ in env.box.events()] == [Z.ZPCI_PEC_SYSTEM_ERROR]
+        assert vclient.read_eventfd(env.err_fd) == 0
+        req = await env.client.enable_irq_eventfds(4, 1)  # REQ
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(env.server.request_release, 0.2)
+                await vclient.wait_eventfd(req[0])
+                assert [p for _, p, _ in env.box.events()] == [Z.ZPCI_PEC_AVAIL_DECONFIG_REQUESTED]
+                assert vclient.read_eventfd(env.err_fd) == 0
+        finally:
+            os.close(req[0])
+
+
+async def test_dma_path_views_follow_the_shadow_and_fault_at_the_iova(sock_dir):
+    """Views (what virtio-blk does I/O into) go through the same translation."""
+    fn = engine()
+    async with zpci_env(sock_dir, fn) as env:
+        assert (await env.register_ioat()).cc == 0
+        iova = SDMA + 0x10_0000
+        env.tables.map(iova, 0x30_0000, 1)
+        env.tables.map(iova + PAGE, 0x50_0000, 1)
+        assert (await env.box.rpcit(iova, 2 * PAGE)).cc == 0
+        views = fn.dma_path.views(iova + PAGE - 8, 16, True)
+        assert [len(v) for v in views] == [8, 8]
+        views[0][:] = b"A" * 8
+        views[1][:] = b"B" * 8
+        assert env.mem.read(0x30_0000 + PAGE - 8, 8) == b"A" * 8 and env.mem.read(0x50_0000, 8) == b"B" * 8
+        with pytest.raises(DmaFault) as e:
+            fn.dma_path.views(iova + 2 * PAGE, 8, False)
+        assert e.value.addr == iova + 2 * PAGE and env.box.state == Zr.State.ERROR
+        assert [p for _, p, _ in env.box.events()] == [Z.ZPCI_PEC_TRANSLATION_PROTECTION]

@@ -6,7 +6,7 @@ import attrs
 
 from protocol.zpci import formats as Z
 from zpcid.vmm import client as vclient
-from zpcid.zpci import core as Zr
+from protocol.zpci import region as Zr
 from zpcid.vmm.guest import GuestTables
 from zpcid.vfio_user.memfd import Memfd
 from zpcid.zpci.properties import ZpciProperties
@@ -40,9 +40,11 @@ class Env:
 
 
 @contextlib.asynccontextmanager
-async def zpci_env(sock_dir, function, *, mode=Zr.MODE_ZPCID, enable=True, tables=True):
+async def zpci_env(sock_dir, function, *, mode=Zr.MODE_ZPCID, enable=True, tables=True,
+                   vmm_flags=Zr.VMM_EVENTS | Zr.VMM_ADAPTER):
     async with serving(function, sock_dir) as server:
-        async with attach(server.path, guest_memory=GUEST_MEM, mode=mode, enable=enable) as vmm:
+        async with attach(server.path, guest_memory=GUEST_MEM, mode=mode, enable=enable,
+                          vmm_flags=vmm_flags) as vmm:
             gt = vmm.tables(TABLES_AT, 16 << 20) if tables else None
             yield Env(function, server, vmm.client, vmm.box, vmm.mem, gt, vmm.msix_fds, vmm.err_fd)
 

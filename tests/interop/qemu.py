@@ -24,7 +24,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 DEFAULT_ROOT = "/var/cache/zpcid/sid"
 ENV_NAME = "zpcid-qemu.env"
@@ -427,45 +427,52 @@ def base_args(arch: str, memory_mb: int = 512, shared_memory: bool = True) -> li
     return args
 
 
-def run_guest(
+def run_guest(qemu: QemuInstall, arch: str, init_script: str, *, timeout: float = 120.0,
+              **options: Any) -> GuestResult:
+    """Boot ``arch`` ('x86_64' or 's390x') with an initramfs holding
+    ``init_script`` (see :func:`guest_script`) and capture the console.
+
+    ``options`` are :func:`guest_command`'s. QEMU is killed after ``timeout``
+    seconds.
+    """
+    with tempfile.TemporaryDirectory(prefix="zpcid-guest-") as tmp:
+        return run_command(guest_command(qemu, arch, init_script, tmp, **options), timeout)
+
+
+def guest_command(
     qemu: QemuInstall,
     arch: str,
     init_script: str,
+    tmp: str | os.PathLike[str],
     qemu_args: Sequence[str] = (),
     append: str = "",
-    timeout: float = 120.0,
     modules: Sequence[str] = (),
     memory_mb: int = 512,
     shared_memory: bool = True,
     quiet: bool = True,
     initrd: str | os.PathLike[str] | None = None,
     extra_files: dict[str, bytes] | None = None,
-) -> GuestResult:
-    """Boot ``arch`` ('x86_64' or 's390x') with an initramfs holding
-    ``init_script`` (see :func:`guest_script`) and capture the console.
+) -> list[str]:
+    """The QEMU command line for a guest (the initramfs is built in ``tmp``).
 
     ``modules`` are put into the initramfs with their dependencies; the init
     script is responsible for loading them — pass ``modules`` and build the
     script with :func:`guest_script_for` to do both. ``qemu_args`` are
     appended to the command line (e.g. ``-device ...``), ``append`` to the
-    kernel command line. QEMU is killed after ``timeout`` seconds.
+    kernel command line.
     """
     ga = qemu[arch]
-    with tempfile.TemporaryDirectory(prefix="zpcid-guest-") as tmp:
-        if initrd is None:
-            initrd = Path(tmp) / "initrd.gz"
-            build_initramfs(
-                initrd, ga.busybox, init_script, ga.modules_dir, modules, extra_files
-            )
-        cmdline = f"console={_CONSOLE[arch]} panic=-1 rdinit=/init"
-        if quiet:
-            cmdline += " quiet"
-        if append:
-            cmdline += " " + append
-        cmd = [str(ga.qemu), *base_args(arch, memory_mb, shared_memory),
-               "-kernel", str(ga.kernel), "-initrd", str(initrd),
-               "-append", cmdline, *qemu_args]  # fmt: skip
-        return run_command(cmd, timeout)
+    if initrd is None:
+        initrd = Path(tmp) / "initrd.gz"
+        build_initramfs(initrd, ga.busybox, init_script, ga.modules_dir, modules, extra_files)
+    cmdline = f"console={_CONSOLE[arch]} panic=-1 rdinit=/init"
+    if quiet:
+        cmdline += " quiet"
+    if append:
+        cmdline += " " + append
+    return [str(ga.qemu), *base_args(arch, memory_mb, shared_memory),
+            "-kernel", str(ga.kernel), "-initrd", str(initrd),
+            "-append", cmdline, *qemu_args]  # fmt: skip
 
 
 def guest_script_for(

@@ -14,7 +14,7 @@ import trio
 
 from crc32c import crc32c
 from zpcid.vfio_user.dma import DmaFault
-from zpcid.pci.function import PciFunction
+from zpcid.zpci.function import ZpciFunction
 from zpcid.snapshot import Snapshot, expect, require
 from zpcid.vfio_user.regions import WindowedRegion
 
@@ -54,7 +54,7 @@ class DescriptorError(Exception):
     pass
 
 
-class DmaEngine(PciFunction):
+class DmaEngine(ZpciFunction):
     type_name = "dma-engine"
 
     def __init__(self, name: str, *, vendor: int = DEFAULT_VENDOR, device: int = DEFAULT_DEVICE,

@@ -24,7 +24,7 @@ import trio
 import attrs
 
 from zpcid.vfio_user.dma import DmaFault
-from zpcid.pci.function import PciFunction
+from zpcid.zpci.function import ZpciFunction
 from zpcid.snapshot import Snapshot, expect, require
 from zpcid.vfio_user.regions import MemfdRegion, WindowedRegion
 
@@ -39,7 +39,7 @@ DEFAULT_VENDOR = 0x1014  # test IDs, documented in docs/configuration.md
 DEFAULT_DEVICE = 0xFE00
 
 
-class MemoryFunction(PciFunction):
+class MemoryFunction(ZpciFunction):
     type_name = "memory"
 
     def __init__(self, name: str, *, ram_size: int = 1 << 20, backing: str | None = None,

@@ -23,7 +23,7 @@ import attrs
 import numpy as np
 import trio
 
-from zpcid.pci.function import PciFunction
+from zpcid.zpci.function import ZpciFunction
 from zpcid.snapshot import Fd, Snapshot, SnapshotError, expect, require
 from zpcid.devices.virtio import pci as vp
 from zpcid.devices.virtio.queue import (Chain, GuardedDma, RingError, Service, SplitQueue, Stopped,
@@ -386,7 +386,7 @@ def _address(view: memoryview) -> int:
     return int(np.frombuffer(view, dtype=np.uint8).ctypes.data) if len(view) else 0
 
 
-class VirtioBlkFunction(PciFunction):
+class VirtioBlkFunction(ZpciFunction):
     type_name = "virtio-blk"
 
     def __init__(self, name: str, *, path: str, readonly: bool = False, size: int | str | None = None,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import collections
-from typing import Any, Sequence
+from typing import Any, Protocol, Sequence
 
 import attrs
 import trio
@@ -11,13 +11,12 @@ import trio
 from protocol.vfio_user import consts as C
 from protocol.vfio_user.messages import IrqSet
 from zpcid import log
-from zpcid.snapshot import Snapshot, SnapshotError, expect, require
+from zpcid.snapshot import Snapshot, expect, require
 from zpcid.vfio_user.device import RegionDesc, Session
 from zpcid.vfio_user.dma import DmaSpace
 from zpcid.vfio_user.irq import IrqTable
 from zpcid.pci.msix import Msix
 from zpcid.pci.config import Bar, ConfigRegion, ConfigSpace
-from zpcid.zpci.properties import ZpciProperties
 from zpcid.vfio_user.regions import Region, RegionError, WindowedRegion
 
 
@@ -39,6 +38,29 @@ class FunctionCounters:
     errors: collections.Counter = attrs.field(factory=collections.Counter)  # kind -> count
 
 
+class FunctionExtension(Protocol):
+    """A layer composed onto a function from above (the zPCI layer): it brings a
+    device-specific region, the DMA path device models use, and a hook before
+    each MSI-X eventfd is signalled; the function tells it of its life cycle."""
+
+    region_index: int
+    region: Region
+    dma_path: Any  # async read/write/copy, views: IOVAs as the device sees them
+
+    def deliver_interrupt(self, vector: int) -> bool: ...  # False suppresses the eventfd
+    def bars_changed(self) -> None: ...
+    def reset(self) -> None: ...  # DEVICE_RESET
+    def power_on(self) -> None: ...  # the client left
+    def session_started(self) -> None: ...
+    def session_ended(self) -> None: ...
+    def release_requested(self) -> None: ...
+    def function_info(self) -> dict[str, Any]: ...  # merged into describe()
+    def properties(self) -> dict[str, Any]: ...
+    def set_properties(self, props: dict[str, Any]) -> None: ...  # SnapshotError if unusable
+    def snapshot(self) -> Snapshot: ...
+    def restore(self, snap: Snapshot) -> None: ...
+
+
 class PciFunction:
     """Base of every function type; subclasses add BARs and behaviour."""
 
@@ -46,10 +68,8 @@ class PciFunction:
 
     def __init__(self, name: str, *, vendor: int, device: int, class_code: int = 0xFF0000,
                  subsys_vendor: int = 0, subsys: int = 0, revision: int = 0,
-                 msix_vectors: int = 4, max_dma_maps: int = 65535,
-                 zpci: ZpciProperties | None = None):
+                 msix_vectors: int = 4, max_dma_maps: int = 65535):
         self.name = name
-        self.props = zpci or ZpciProperties()
         self.counters = FunctionCounters()
         self.log = log.get("zpcid.pci.function", function=name)
         self.config = ConfigSpace(vendor, device, class_code, subsys_vendor, subsys, revision)
@@ -68,31 +88,48 @@ class PciFunction:
         # the client must not run inside a register access, because QEMU serves
         # DMA_READ/DMA_WRITE under the lock its vCPU holds while it waits for
         # our reply to that access.
-        self.tasks: trio.Nursery | None = None
+        self._tasks: trio.Nursery | None = None
         self._running = 0  # deferred device tasks at work
         self._idle = trio.Event()  # set (and replaced) whenever the last one ends
-        # Every function is a zPCI function: the control region (index 9) carries
-        # CLP data, the instruction mailbox and the event ring.
-        from zpcid.zpci.core import ZPCI_REGION_INDEX, ZpciCore, ZpciDmaPath
+        # The layer composed onto this function from above (zPCI), and what
+        # device models use for DMA: async read(iova, n) / write(iova, data).
+        self.ext: FunctionExtension | None = None
+        self.dma_path: Any = None
 
-        self.zpci = ZpciCore(self)
-        self.regions[ZPCI_REGION_INDEX] = self.zpci.region
-        # What device models use for DMA: async read(iova, n) / write(iova, data);
-        # IOVAs go through the zPCI IOMMU when the VMM lets zpcid translate.
-        self.dma_path = ZpciDmaPath(self.zpci)
+    def attach_extension(self, ext: FunctionExtension) -> None:
+        """Compose ``ext`` onto this function: its region, DMA path and interrupt hook."""
+        self.ext = ext
+        self.regions[ext.region_index] = ext.region
+        self.dma_path = ext.dma_path
+        if self.msix is not None:
+            self.msix.deliver_hook = ext.deliver_interrupt
+
+    @property
+    def tasks(self) -> trio.Nursery | None:
+        return self._tasks
+
+    @tasks.setter
+    def tasks(self, nursery: trio.Nursery | None) -> None:
+        """The session's nursery (set by the server while a client is attached)."""
+        self._tasks = nursery
+        if self.ext is not None:
+            self.ext.session_started() if nursery is not None else self.ext.session_ended()
 
     # ------------------------------------------------------------------ building
     def add_bar(self, index: int, region: Region, *, is64: bool = True, prefetch: bool = False) -> Bar:
         bar = Bar(index, region, is64, prefetch)
         self.config.add_bar(bar)
         self.regions[index] = region
-        self.zpci.publish()
+        if self.ext is not None:
+            self.ext.bars_changed()
         return bar
 
     def add_msix_bar(self, index: int, size: int = 0x4000) -> WindowedRegion:
         """A trapped BAR holding the MSI-X table (offset 0) and PBA (second half)."""
         region = WindowedRegion(size)
         self.msix = Msix(self.config, self.irqs, self._msix_vectors, index, 0, size // 2)
+        if self.ext is not None:
+            self.msix.deliver_hook = self.ext.deliver_interrupt
         region.add(0, self.msix.table_size, self.msix.table_read, self.msix.table_write)
         region.add(size // 2, self.msix.pba_size, self.msix.pba_read, self.msix.pba_write)
         self.add_bar(index, region)
@@ -144,7 +181,8 @@ class PciFunction:
         self.reset_state()
         # The guest went with its VMM: the next one starts from a configured,
         # disabled function with nothing registered.
-        self.zpci.reset_all()
+        if self.ext is not None:
+            self.ext.power_on()
 
     def reset_state(self) -> None:
         """Function-level reset of emulated state (kept: client DMA maps, eventfds)."""
@@ -157,13 +195,15 @@ class PciFunction:
     async def reset(self) -> None:
         self.log.info("device_reset")
         self.reset_state()
-        self.zpci.function_reset()
+        if self.ext is not None:
+            self.ext.reset()
 
     def release_requested(self) -> bool:
         """The VMM is asked to let go of the function; False if it cannot hear that."""
         # zPCI: the guest learns through a "deconfiguration requested" event;
         # vfio-user: the VMM through its REQ eventfd.
-        self.zpci.availability(0x0303, "removal requested")
+        if self.ext is not None:
+            self.ext.release_requested()
         return self.irqs.signal(C.VFIO_PCI_REQ_IRQ_INDEX)
 
     # ------------------------------------------------------------------ vfio-user device API
@@ -226,54 +266,15 @@ class PciFunction:
         return {
             "name": self.name,
             "type": self.type_name,
-            "fid": self.props.fid,
-            "uid": self.props.uid,
             "vendor": cfg.u16(0),
             "device": cfg.u16(2),
             "attached": self.session is not None,
             "dma_maps": len(self.dma),
             "irq_eventfds": self.irqs.installed(),
             "msix_enabled": bool(self.msix and self.msix.enabled),
-            "zpci": self.zpci.describe(),
             "counters": {k: v for k, v in attrs.asdict(self.counters).items() if k != "errors"}
             | {"errors": dict(self.counters.errors)},
-        }
-
-    # zPCI operations for the control socket (zpcictl)
-    def zpci_mappings(self) -> list[dict[str, Any]]:
-        if self.zpci.direct:
-            z = self.zpci
-            return [{"iova": z.pba, "size": z.pal - z.pba + 1, "gpa": z.pba - z.sdma,
-                     "writable": True, "direct": True}]
-        return [{"iova": i, "size": n, "gpa": g, "writable": w}
-                for i, n, g, w in self.zpci.shadow.ranges()]
-
-    def zpci_events(self, clear: bool = False) -> list[dict[str, Any]]:
-        events = list(self.zpci.event_log)
-        if clear:
-            self.zpci.event_log.clear()
-        return events
-
-    def inject_error(self, pec: int) -> dict[str, Any]:
-        return self.zpci.inject_error(pec)
-
-    SETTABLE = ("relaxed_translation", "relaxed_alignment", "dma_limit", "maxstbl", "compat",
-                "pchid", "pfgid", "util_str")
-
-    def set_property(self, key: str, value: Any) -> None:
-        """Change a zPCI property; only while no VMM is attached (the guest would notice)."""
-        if self.session is not None:
-            raise RuntimeError("function is attached; detach the VMM first")
-        key = key.replace("-", "_")
-        if key not in self.SETTABLE:
-            raise KeyError(f"property {key!r} cannot be set at run time (settable: {', '.join(self.SETTABLE)})")
-        self._apply_props(attrs.evolve(self.props, **{key: value}))
-        self.zpci.reset_all()
-
-    def _apply_props(self, props: ZpciProperties) -> None:
-        self.props = props
-        self.zpci.props = props
-        self.zpci.shadow.limit = props.dma_limit
+        } | (self.ext.function_info() if self.ext is not None else {})
 
     # ------------------------------------------------------------------ quiesce
     async def quiesce(self) -> None:
@@ -322,18 +323,18 @@ class PciFunction:
 
         Taken at a message boundary with no device work running (quiesced).
         """
-        zpci_snap = getattr(self.zpci, "snapshot", None)
+        ext = self.ext
         return FunctionSnapshot(
             type_name=self.type_name,
             name=self.name,
-            props=attrs.asdict(self.props),
+            props=ext.properties() if ext is not None else {},
             config=self.config.snapshot(),
             msix=self.msix.snapshot() if self.msix is not None else None,
             irqs=self.irqs.snapshot(),
             dma=self.dma.snapshot(),
             bars={i: b.region.snapshot() for i, b in sorted(self.config.bars.items())
                   if hasattr(b.region, "snapshot")},
-            zpci=zpci_snap() if zpci_snap is not None else None,
+            zpci=ext.snapshot() if ext is not None else None,
             device=self.device_snapshot(),
             counters=attrs.asdict(self.counters, filter=lambda a, v: a.name != "errors"),
             errors=dict(self.counters.errors),
@@ -354,23 +355,19 @@ class PciFunction:
                                                  if hasattr(b.region, "snapshot")),
                     f"snapshot BARs {sorted(snap.bars)} differ from this function's")
             require((snap.msix is None) == (self.msix is None), "MSI-X presence differs")
-            zpci_restore = getattr(self.zpci, "restore", None)
-            require(snap.zpci is None or zpci_restore is not None, "this build cannot restore zPCI state")
-            try:
-                props = attrs.evolve(self.props, **snap.props)
-            except (TypeError, ValueError) as exc:
-                raise SnapshotError(f"zPCI properties of the snapshot: {exc}") from None
+            require((snap.zpci is None) == (self.ext is None), "zPCI layer presence differs")
+            if self.ext is not None:
+                self.ext.set_properties(snap.props)
         except BaseException:
             snap.close_fds()
             raise
-        self._apply_props(props)
         steps = [(snap.config, self.config.restore)]
         if self.msix is not None:
             steps.append((snap.msix, self.msix.restore))
         steps += [(region_snap, self.config.bars[i].region.restore) for i, region_snap in snap.bars.items()]
         steps += [(snap.irqs, self.irqs.restore), (snap.dma, self.dma.restore)]
-        if snap.zpci is not None:
-            steps.append((snap.zpci, zpci_restore))
+        if self.ext is not None:
+            steps.append((snap.zpci, self.ext.restore))
         steps.append((snap.device, self.device_restore))
         done = 0
         try:

@@ -41,7 +41,7 @@ from zpcid.tools import floor as F
 from zpcid.vfio_user.memfd import Memfd
 from zpcid.vmm.dma_engine_driver import Driver
 from zpcid.vmm.model import attach
-from zpcid.zpci import core as Zr
+from protocol.zpci import region as Zr
 
 SDMA = 0x1_0000_0000
 PAGE = 4096

@@ -18,7 +18,7 @@ import trio
 from protocol.zpci import formats as Z
 from zpcid.vmm import client as vclient
 from zpcid import log
-from zpcid.zpci import core as Zr
+from protocol.zpci import region as Zr
 from crc32c import crc32c
 from zpcid.devices import dma_engine as D
 from zpcid.vmm.dma_engine_driver import Driver

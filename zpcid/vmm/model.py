@@ -17,7 +17,7 @@ import attrs
 from protocol.vfio_user import consts as C
 from protocol.zpci import formats as Z
 from zpcid.vmm import client as vclient
-from zpcid.zpci import core as Zr
+from protocol.zpci import region as Zr
 from zpcid.vmm.guest import GuestTables
 from zpcid.vfio_user.memfd import Memfd
 from zpcid.vmm.zpci_client import ZpciMailbox
@@ -63,15 +63,23 @@ class Vmm:
 
 @contextlib.asynccontextmanager
 async def attach(path: str, *, guest_memory: int = 64 << 20, mode: int = Zr.MODE_ZPCID,
-                 enable: bool = True, bars: bool = True) -> AsyncIterator[Vmm]:
-    """Attach to a function's socket as a VMM with ``guest_memory`` bytes of RAM."""
+                 enable: bool = True, bars: bool = True, mmap: bool = True,
+                 vmm_flags: int = Zr.VMM_EVENTS | Zr.VMM_ADAPTER) -> AsyncIterator[Vmm]:
+    """Attach to a function's socket as a VMM with ``guest_memory`` bytes of RAM.
+
+    The model VMM consumes the event ring and injects adapter interrupts, so it
+    says so in ``vmm_flags`` (and is then sent the ERR IRQ for new events);
+    ``mmap=False`` drives the control region through REGION_READ/WRITE only.
+    """
     mem = Memfd(guest_memory, "zpcid-guest")
     fds: list[int] = []
     try:
         async with vclient.connect(path) as c:
-            box = await ZpciMailbox.open(c)
+            box = await ZpciMailbox.open(c, mmap=mmap)
             if await box.set_mode(mode, guest_memory) != mode:
                 raise RuntimeError("function refused the mode")
+            if box.features & Zr.FEAT_VMM_FLAGS:
+                await box.set_vmm(vmm_flags)
             # In zpcid-translates mode DMA_MAP keys are guest absolute addresses.
             await c.dma_map(0, guest_memory, mem.fd, 0)
             if bars:

@@ -1,215 +1,198 @@
-"""The zPCI side of a function: handle and state, CLP data, MPCIFC/STPCIFC,
-RPCIT with a shadow IOMMU, direct mapping, PCISTB/PCILG/PCISTG, adapter
-interrupts, FMB and error events — exposed to the VMM through the control
-region (``docs/zpci-region.md``).
+"""The zPCI side of a function: handle and state, CLP data, registrations
+(translation, adapter interruptions, measurement), error events, the DMA
+path and interrupt delivery — exposed to the VMM through the control region
+(``docs/zpci-region.md``). The instructions themselves are in
+``zpcid.zpci.instructions``.
 """
 
 from __future__ import annotations
 
 import collections
-import enum
-import struct
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any, NoReturn
 
 import attrs
 
-from protocol.vfio_user import consts as C
 from protocol.zpci import formats as Z
-from protocol.zpci import tables as T
-from protocol.errors import ProtocolError
-from protocol.vfio_user.messages import TypeCap
-from zpcid import log
-from zpcid.vfio_user.dma import DmaFault
-from zpcid.zpci.atomic import set_indicator_bit
-from zpcid.zpci.iommu import ShadowIotlb, TranslationError, rpcit_sliced as walk_rpcit
-from zpcid.vfio_user.regions import MemfdRegion
-
-if TYPE_CHECKING:
-    from zpcid.pci.function import PciFunction
+from protocol.zpci import region as R
+from protocol.zpci.region import State
+from zpcid.snapshot import Snapshot, SnapshotError, expect, require
+from zpcid.vfio_user.dma import DmaFault, DmaSpace
+from zpcid.vfio_user.regions import MemfdRegionSnapshot, RegionError
+from zpcid.zpci import instructions as I
+from zpcid.zpci.dma_path import ZpciDmaPath
+from zpcid.zpci.interrupts import AdapterInterrupts, raise_vector
+from zpcid.zpci.iommu import DirectMap, RpcitResult, ShadowIotlb, TranslationError, rpcit_sliced
+from zpcid.zpci.iommu.shadow import ShadowSnapshot
+from zpcid.zpci.measurement import DEFAULT_MUI, FMB_LENGTH, Measurement
+from zpcid.zpci.port import FunctionPort
+from zpcid.zpci.properties import ZpciProperties
+from zpcid.zpci.region import ControlRegion, EventRing
+from zpcid.zpci.state import DMA_STATES, Event, FunctionState
 
 PAGE = 4096
-IBM_VENDOR_ID = 0x1014
-ZPCI_REGION_INDEX = 9
-ZPCI_REGION_SUBTYPE = 0x7A70  # "zp"
-ZPCI_REGION_TYPE = 0x80000000 | IBM_VENDOR_ID  # VFIO_REGION_TYPE_PCI_VENDOR_TYPE | IBM
-FH_SHM_ZPCID = 0x00040000  # SHM bits of handles zpcid hands out
 DEFAULT_MSIA = 0xFE00_0000_0000_0000
-DEFAULT_MUI = 4000
 DEFAULT_EDMA = 0x01FF_FFFF_FFFF_FFFF
-FMB_LENGTH = 64
+_NO_LIMIT = 1 << 64
 
-# ---------------------------------------------------------------- control region ABI (v1)
-ABI_MAJOR, ABI_MINOR = 1, 0
-REGION_SIZE = 0x4000
-MAGIC = 0x5A504349  # "ZPCI"
-# header (host byte order: little-endian)
-HDR_MAGIC, HDR_VERSION, HDR_FEATURES, HDR_MODE = 0x000, 0x004, 0x008, 0x010
-HDR_REGION_SIZE, HDR_MEM_LIMIT, HDR_STATE, HDR_FH = 0x014, 0x018, 0x020, 0x024
-HDR_FID, HDR_UID, HDR_IOAT, HDR_SHADOW = 0x028, 0x02C, 0x030, 0x034
-HDR_DMA_AVAIL, HDR_EVENTS_LOST = 0x038, 0x03C
-HDR_OFFSETS = 0x040  # u32 offsets: list entry, query fn, query group, mailbox, mb data, events
-CLP_LIST_ENTRY, CLP_QUERY_FN, CLP_QUERY_GRP = 0x100, 0x200, 0x400
-MAILBOX, MB_DATA, EVENTS = 0x1000, 0x2000, 0x3000
-# features
-FEAT_MAILBOX, FEAT_EVENTS, FEAT_ADAPTER_INT = 1 << 0, 1 << 1, 1 << 2
-FEAT_RELAXED_TRANSLATION, FEAT_RELAXED_ALIGNMENT, FEAT_FMB = 1 << 3, 1 << 4, 1 << 5
-FEAT_PCILG_PCISTG = 1 << 6
-# modes
-MODE_VMM, MODE_ZPCID = 0, 1
-MODE_NAMES = {MODE_VMM: "vmm-translates", MODE_ZPCID: "zpcid-translates"}
-# mailbox layout
-MB_DOORBELL, MB_R1, MB_R2, MB_R3, MB_FIB = 0x00, 0x08, 0x10, 0x18, 0x20
-MB_RESULT, MB_CC, MB_STATUS, MB_EXCEPTION, MB_R1_OUT, MB_FIB_OUT = 0x80, 0x84, 0x85, 0x86, 0x88, 0x90
-MB_CLP_REQ, MB_CLP_RESP = 0x100, 0x200
-MB_DATA_SIZE = 0x1000
-# commands
-CMD_CLP, CMD_MPCIFC, CMD_STPCIFC, CMD_RPCIT, CMD_PCISTB, CMD_PCILG, CMD_PCISTG = 1, 2, 3, 4, 5, 6, 7
-# mailbox results (ABI level, not architected)
-RES_OK, RES_BAD_COMMAND, RES_WRONG_MODE, RES_BAD_REQUEST = 0, 1, 2, 3
-# program exceptions the VMM must inject instead of setting a cc
-EXC_NONE, EXC_OPERAND, EXC_SPECIFICATION = 0, 1, 2
-# event ring
-EV_PRODUCER, EV_CONSUMER, EV_ENTRIES, EV_ENTRY_SIZE, EV_RING = 0x00, 0x04, 0x08, 0x0C, 0x40
-EV_SLOT_SIZE = 64
-EV_SLOTS = (REGION_SIZE - EVENTS - EV_RING) // EV_SLOT_SIZE  # 63
+FEATURES = (R.FEAT_MAILBOX | R.FEAT_EVENTS | R.FEAT_ADAPTER_INT | R.FEAT_FMB | R.FEAT_PCILG_PCISTG
+            | R.FEAT_WRITEBACK | R.FEAT_VMM_FLAGS | R.FEAT_VMM_IDS | R.FEAT_DMA_FAULT_EVENTS)
 
 
-class State(enum.IntEnum):
-    RESERVED = 0
-    STANDBY = 1
-    DISABLED = 2
-    ENABLED = 3
-    BLOCKED = 4
-    ERROR = 5
-    PERMANENT_ERROR = 6
+@attrs.frozen
+class Ioat:
+    """A registered I/O address translation: the FIB fields and the one translator."""
 
+    pba: int
+    pal: int
+    iota: int
+    translator: ShadowIotlb | DirectMap
 
-_NOT_AVAILABLE = {State.RESERVED, State.STANDBY, State.DISABLED, State.PERMANENT_ERROR}
-
-
-@attrs.define
-class Outcome:
-    cc: int = 0
-    status: int = 0
-    exception: int = EXC_NONE
-    r1: int | None = None  # register value to store back, when the instruction does
-    fib: bytes | None = None
-    result: int = RES_OK
-
-
-@attrs.define
-class AdapterInterrupts:
-    isc: int
-    noi: int
-    aibvo: int
-    summary: bool
-    aisbo: int
-    aibv: int
-    aisb: int
-
-
-class ControlRegion(MemfdRegion):
-    """Region 9: mmappable memfd; a write touching the doorbell runs the command."""
-
-    def __init__(self, core: "ZpciCore"):
-        super().__init__(REGION_SIZE, f"zpcid-{core.function.name}-zpci")
-        self.core = core
-
-    def caps(self):
-        return super().caps() + (TypeCap(ZPCI_REGION_TYPE, ZPCI_REGION_SUBTYPE),)
-
-    async def write(self, offset: int, data: bytes) -> None:
-        end = offset + len(data)
-        # Read-only parts (header, CLP data, results, event producer) are owned
-        # by zpcid; only the writable fields are taken from a REGION_WRITE.
-        for lo, hi in self.core.writable_ranges:
-            a, b = max(lo, offset), min(hi, end)
-            if a < b:
-                self.mm[a:b] = data[a - offset : b - offset]
-        self.core.header_written(offset, end)
-        if offset <= MAILBOX + MB_DOORBELL < end:
-            await self.core.doorbell()
+    @property
+    def direct(self) -> bool:
+        return isinstance(self.translator, DirectMap)
 
 
 class ZpciCore:
-    """zPCI state and instruction execution of one function."""
+    """zPCI state and instruction execution of one function.
 
-    writable_ranges = (
-        (HDR_MODE, HDR_MODE + 4),
-        (HDR_MEM_LIMIT, HDR_MEM_LIMIT + 8),
-        (MAILBOX, MAILBOX + MB_RESULT),
-        (MAILBOX + MB_CLP_REQ, MAILBOX + MB_CLP_RESP),
-        (MB_DATA, MB_DATA + MB_DATA_SIZE),
-        (EVENTS + EV_CONSUMER, EVENTS + EV_CONSUMER + 4),
-    )
+    Composed onto a PCI function from above (``zpcid.zpci.function``): it is the
+    function's extension (control region, DMA path, interrupt-delivery hook,
+    life-cycle calls) and sees the function only as a ``FunctionPort``.
+    """
 
-    def __init__(self, function: "PciFunction", index: int | None = None):
-        self.function = function
-        self.props = function.props
-        self.log = function.log.bind(fid=self.props.fid, uid=self.props.uid)
-        self.index = (self.props.fid & 0xFFFF) if index is None else index
-        self.region = ControlRegion(self)
-        self.mm = self.region.mm
-        self.shadow = ShadowIotlb(self.props.dma_limit)
+    region_index = R.ZPCI_REGION_INDEX
+
+    def __init__(self, name: str, props: ZpciProperties, log, port: FunctionPort, memory: DmaSpace,
+                 index: int | None = None):
+        self.props = props
+        self.log = log.bind(fid=props.fid, uid=props.uid)
+        self.port = port
+        self.memory = memory  # guest absolute storage in zpcid-translates mode
+        self.st = FunctionState((props.fid & 0xFFFF) if index is None else index, self.log, self.publish)
+        self.region = ControlRegion(name, self.header_written, self.doorbell)
+        self.ring = EventRing(self.region)
+        self.shadow = ShadowIotlb(props.dma_limit)
+        self.fmb = Measurement(lambda gpa, n: self.memory.view(gpa, n, True), port.zpci_spawn,
+                               self._fmb_failed)
         self.event_log: collections.deque[dict[str, Any]] = collections.deque(maxlen=256)
         self._clp_key: tuple | None = None
+        self.ioat_reg: Ioat | None = None
+        self.aif: AdapterInterrupts | None = None
+        self.dma_path = ZpciDmaPath(self)
         self.reset_all()
 
     # ------------------------------------------------------------------ lifecycle
     def reset_all(self) -> None:
-        """Back to power-on: configured but disabled, nothing registered."""
-        if self.mm.closed:
+        """Back to power-on: configured but disabled, nothing registered, the region as new."""
+        if self.region.closed:
             return  # the function was closed (daemon done with it); nothing to show any more
-        self.state = State.DISABLED
-        self.fh = self.index | FH_SHM_ZPCID
-        self.mode = MODE_VMM
+        self.mode = R.MODE_VMM
         self.mem_limit = 0
-        self._clear_registrations()
-        self.mm[:] = bytes(REGION_SIZE)
+        self.vmm_flags = self.vmm_fid = self.vmm_uid = 0
+        self.clear_registrations()
+        self.region.initialise(self.features)
+        self.ring.reset()
         self._clp_key = None
-        struct.pack_into("<IHHQ", self.mm, HDR_MAGIC, MAGIC, ABI_MAJOR, ABI_MINOR, self.features)
-        struct.pack_into("<I", self.mm, HDR_REGION_SIZE, REGION_SIZE)
-        struct.pack_into("<6I", self.mm, HDR_OFFSETS, CLP_LIST_ENTRY, CLP_QUERY_FN, CLP_QUERY_GRP,
-                         MAILBOX, MB_DATA, EVENTS)
-        struct.pack_into("<IIII", self.mm, EVENTS, 0, 0, EV_SLOTS, EV_SLOT_SIZE)
-        self.events_produced = 0
-        self.events_lost = 0
-        self.publish()
+        self.st.apply(Event.POWER_ON)
 
-    def _clear_registrations(self) -> None:
-        self.pba = self.pal = self.iota = 0
-        self.ioat = False
-        self.direct = False
-        if hasattr(self, "shadow"):
-            n = self.shadow.clear()
-            self.function.counters.pages_unmapped += n
-        self.aif: AdapterInterrupts | None = None
-        self.fmb_addr = 0
-        self.fmb = dict(samples=0, ld=0, st=0, stb=0, rpcit=0, dma_r=0, dma_w=0)
-        if getattr(self.function, "msix", None) is not None:
-            self.function.msix.deliver_hook = None
+    def clear_registrations(self) -> None:
+        """Drop translation, adapter interruptions and measurement."""
+        if self.ioat_reg is not None:
+            self.deregister_ioat()
+        self.aif = None
+        self.fmb.stop()
+        self.fmb.counters = self.fmb.fresh()
 
     def function_reset(self) -> None:
         """Disable the function as a system reset does (handle loses the enable bit)."""
-        self._clear_registrations()
-        if self.state != State.PERMANENT_ERROR:
-            self.state = State.DISABLED
-        self.fh &= ~Z.FH_MASK_ENABLE
+        self.clear_registrations()
+        self.st.apply(Event.RESET)
+
+    # ------------------------------------------------------------------ the function's calls (FunctionExtension)
+    def bars_changed(self) -> None:
         self.publish()
+
+    def reset(self) -> None:
+        self.function_reset()
+
+    def power_on(self) -> None:
+        self.reset_all()
+
+    def release_requested(self) -> None:
+        self.availability(Z.ZPCI_PEC_AVAIL_DECONFIG_REQUESTED, "removal requested")
+
+    def function_info(self) -> dict[str, Any]:
+        return {"fid": self.props.fid, "uid": self.props.uid, "zpci": self.describe()}
+
+    def properties(self) -> dict[str, Any]:
+        return attrs.asdict(self.props)
+
+    def set_properties(self, props: dict[str, Any]) -> None:
+        try:
+            new = attrs.evolve(self.props, **props)
+        except (TypeError, ValueError) as exc:
+            raise SnapshotError(f"zPCI properties of the snapshot: {exc}") from None
+        self.set_props(new)
+
+    def session_started(self) -> None:
+        """A client's session can run tasks now: restart the FMB timer if one is registered."""
+        self.fmb.arm()
+
+    def session_ended(self) -> None:
+        self.fmb.disarm()
+
+    def set_props(self, props: ZpciProperties) -> None:
+        """New properties (only while detached); the function starts over."""
+        self.props = props
+        self.shadow.limit = props.dma_limit
+        self.reset_all()
 
     @property
     def features(self) -> int:
-        f = FEAT_MAILBOX | FEAT_EVENTS | FEAT_ADAPTER_INT | FEAT_FMB | FEAT_PCILG_PCISTG
+        f = FEATURES
         if self.props.rtr:
-            f |= FEAT_RELAXED_TRANSLATION
+            f |= R.FEAT_RELAXED_TRANSLATION
         if self.props.relaxed_alignment:
-            f |= FEAT_RELAXED_ALIGNMENT
+            f |= R.FEAT_RELAXED_ALIGNMENT
         return f
+
+    # ------------------------------------------------------------------ views for the handlers
+    @property
+    def state(self) -> State:
+        return self.st.state
+
+    @property
+    def fh(self) -> int:
+        return self.st.fh
 
     @property
     def translating(self) -> bool:
-        return self.mode == MODE_ZPCID
+        return self.mode == R.MODE_ZPCID
+
+    @property
+    def ioat(self) -> bool:
+        return self.ioat_reg is not None
+
+    @property
+    def direct(self) -> bool:
+        return self.ioat_reg is not None and self.ioat_reg.direct
+
+    @property
+    def pba(self) -> int:
+        return self.ioat_reg.pba if self.ioat_reg else 0
+
+    @property
+    def pal(self) -> int:
+        return self.ioat_reg.pal if self.ioat_reg else 0
+
+    @property
+    def iota(self) -> int:
+        return self.ioat_reg.iota if self.ioat_reg else 0
+
+    @property
+    def fmb_addr(self) -> int:
+        return self.fmb.addr
 
     # ------------------------------------------------------------------ aperture
     @property
@@ -226,25 +209,21 @@ class ZpciCore:
 
     # ------------------------------------------------------------------ CLP data
     def list_entry(self) -> Z.ClpListEntry:
-        cfg = self.function.config
-        return Z.ClpListEntry(device_id=cfg.u16(2), vendor_id=cfg.u16(0),
+        vendor, device = self.port.zpci_ids()
+        return Z.ClpListEntry(device_id=device, vendor_id=vendor,
                               configured=self.state not in (State.STANDBY, State.RESERVED),
                               fid=self.props.fid, fh=self.fh)
 
     def query_fn(self) -> Z.ClpQueryPciFnResponse:
-        cfg = self.function.config
-        sizes, bars = [], []
-        for i in range(6):
-            bar = cfg.bars.get(i)
-            size = bar.region.size if bar is not None else 0
-            sizes.append(size.bit_length() - 1 if size else 0)
-            bars.append(cfg.u32(0x10 + 4 * i))
+        bars = self.port.zpci_bars()
+        sizes = tuple(bars[i][0].bit_length() - 1 if i in bars and bars[i][0] else 0 for i in range(6))
+        values = tuple(bars[i][1] if i in bars else 0 for i in range(6))
         util = Z.ebcdic(self.props.util_str, 64) if self.props.util_str else bytes(64)
         return Z.ClpQueryPciFnResponse(
             response_code=Z.CLP_RC_OK, vfn=self.props.vfn,
             flags=Z.CLP_FN_UTIL_STR if self.props.util_str else 0,
-            pfgid=self.props.pfgid, fid=self.props.fid, bar_size=tuple(sizes),
-            pchid=self.props.pchid, bar=tuple(bars), pfip=bytes(4),
+            pfgid=self.props.pfgid, fid=self.props.fid, bar_size=sizes,
+            pchid=self.props.pchid, bar=values, pfip=bytes(4),
             fmb_len=FMB_LENGTH // 4, pft=0, sdma=self.sdma, edma=self.edma,
             uid=self.props.uid, util_str=util,
         )
@@ -255,62 +234,82 @@ class ZpciCore:
             flags |= Z.CLP_FNGRP_RTR
         if self.props.relaxed_alignment:
             flags |= Z.CLP_FNGRP_RELAXED_ALIGNMENT
-        msix = self.function.msix
         return Z.ClpQueryPciFnGrpResponse(
-            response_code=Z.CLP_RC_OK, noi=msix.nvec if msix else 0, version=0, flags=flags,
+            response_code=Z.CLP_RC_OK, noi=self.port.zpci_msix_vectors(), version=0, flags=flags,
             maxstbl=self.props.maxstbl, mui=DEFAULT_MUI, dtsm=Z.ZPCI_DTSM_RTTO, dasm=0,
             msia=DEFAULT_MSIA,
         )
 
+    # ------------------------------------------------------------------ the region
     def publish(self) -> None:
         """Refresh everything read-only the VMM reads from the region."""
-        mm = self.mm
-        if mm.closed:
+        if self.region.closed:
             return
-        struct.pack_into("<I", mm, HDR_MODE, self.mode)
-        struct.pack_into("<Q", mm, HDR_MEM_LIMIT, self.mem_limit)
-        struct.pack_into("<IIIIIIII", mm, HDR_STATE, self.state, self.fh, self.props.fid,
-                         self.props.uid, (1 if self.ioat else 0) | (2 if self.direct else 0),
-                         self.shadow.mapped, self.shadow.available, self.events_lost)
+        ioat = (R.HDR_IOAT_REGISTERED if self.ioat else 0) | (R.HDR_IOAT_DIRECT if self.direct else 0)
+        self.region.publish_header(
+            mode=self.mode, limit=self.mem_limit, vmm=(self.vmm_flags, self.vmm_fid, self.vmm_uid),
+            state=self.state, fh=self.fh, fid=self.props.fid, uid=self.props.uid, ioat=ioat,
+            shadow=self.shadow.mapped, available=self.shadow.available, lost=self.ring.lost)
         # The CLP blocks change only with the handle, configuration state, BARs,
         # aperture or properties: rebuild them only then (publish runs per intercept).
-        cfg = self.function.config
-        key = (self.fh, self.state, self.mem_limit, bytes(cfg.data[0x10:0x28]), self.props,
-               self.function.msix.nvec if self.function.msix else 0)
+        key = (self.fh, self.state, self.mem_limit, tuple(sorted(self.port.zpci_bars().items())),
+               self.props, self.port.zpci_msix_vectors())
         if key == self._clp_key:
             return
         self._clp_key = key
-        mm[CLP_LIST_ENTRY : CLP_LIST_ENTRY + 16] = self.list_entry().pack()
-        q = self.query_fn().pack()
-        mm[CLP_QUERY_FN : CLP_QUERY_FN + len(q)] = q
-        g = self.query_group().pack()
-        mm[CLP_QUERY_GRP : CLP_QUERY_GRP + len(g)] = g
+        self.region.publish_clp(self.list_entry().pack(), self.query_fn().pack(), self.query_group().pack())
 
     def header_written(self, start: int, end: int) -> None:
-        """Apply writable header fields (mode, guest memory limit)."""
-        if start < HDR_MEM_LIMIT + 8 and end > HDR_MODE:
-            mode = struct.unpack_from("<I", self.mm, HDR_MODE)[0]
-            limit = struct.unpack_from("<Q", self.mm, HDR_MEM_LIMIT)[0]
+        """Apply writable header fields (mode, guest memory limit, VMM flags and IDs).
+
+        Raises RegionError (EINVAL to the REGION_WRITE) for a guest memory limit
+        whose aperture would not fit in 64 bits; the old value stays published.
+        """
+        mode, limit, flags, fid, uid = self.region.vmm_fields()
+        if start < R.HDR_VMM_UID + 4 and end > R.HDR_VMM_FLAGS:
+            if (flags, fid, uid) != (self.vmm_flags, self.vmm_fid, self.vmm_uid):
+                self.vmm_flags, self.vmm_fid, self.vmm_uid = flags & R.VMM_FLAGS_KNOWN, fid, uid
+                self.log.info("zpci_vmm", flags=self.vmm_flags, vmm_fid=hex(fid), vmm_uid=hex(uid))
+            self.publish()
+        if start < R.HDR_MEM_LIMIT + 8 and end > R.HDR_MODE:
             self.set_mode(mode)
+            refused = None
             if limit != self.mem_limit:
-                if self.state in (State.ENABLED, State.BLOCKED, State.ERROR):
+                if self.sdma + limit - 1 >= 1 << 64:
+                    refused = f"guest memory limit {limit:#x}: aperture beyond 2^64"
+                elif self.state in (State.ENABLED, State.BLOCKED, State.ERROR):
                     self.log.warning("zpci_refused", what="memory limit change while enabled")
                 else:
                     self.mem_limit = limit
             self.publish()
+            if refused:
+                self.log.warning("zpci_refused", what=refused)
+                raise RegionError(refused)
 
     def set_mode(self, mode: int) -> bool:
         if mode == self.mode:
             return True
-        if mode not in MODE_NAMES or self.state not in (State.DISABLED, State.STANDBY) \
-                or len(self.function.dma):
+        if mode not in R.MODE_NAMES or self.state not in (State.DISABLED, State.STANDBY) \
+                or self.port.zpci_dma_mapped():
             # The mode decides what DMA_MAP keys mean: only before any map and enable.
             self.log.warning("zpci_refused", what="mode change", mode=mode)
             self.publish()
             return False
         self.mode = mode
-        self.log.info("zpci_mode", mode=MODE_NAMES[mode])
+        self.log.info("zpci_mode", mode=R.MODE_NAMES[mode])
         return True
+
+    async def doorbell(self) -> None:
+        cmd, r1, r2, r3 = self.region.operands()
+        try:
+            out = await I.execute(self, cmd, r1, r2, r3)
+        except Exception:
+            self.log.exception("zpci_command_failed", cmd=cmd)
+            out = I.Outcome(result=R.RES_BAD_REQUEST)
+        mask, r1_out, r2_out = I.writeback(cmd, out, r1, r2)
+        self.region.set_results(out.result, out.cc, out.status, out.exception, mask, r1_out, r2_out,
+                                out.fib)
+        self.publish()
 
     # ------------------------------------------------------------------ events
     def _event(self, kind: int, pec: int, faddr: int = 0, *, reason: str = "") -> None:
@@ -318,30 +317,24 @@ class ZpciCore:
             ccdf = Z.ErrorCcdf(fh=self.fh, fid=self.props.fid, pec=pec, faddr=faddr).pack()
         else:
             ccdf = Z.AvailabilityCcdf(fh=self.fh, fid=self.props.fid, pec=pec).pack()
-        entry = {"seq": self.events_produced, "type": "error" if kind == Z.ZPCI_EVENT_ERROR else "availability",
+        entry = {"seq": self.ring.produced, "type": "error" if kind == Z.ZPCI_EVENT_ERROR else "availability",
                  "pec": pec, "fh": self.fh, "faddr": faddr, "time": time.time(), "reason": reason}
         self.event_log.append(entry)
-        consumer = struct.unpack_from("<I", self.mm, EVENTS + EV_CONSUMER)[0]
-        if self.events_produced - consumer >= EV_SLOTS:
-            self.events_lost += 1  # ring full: the VMM is not draining it
-        else:
-            slot = EVENTS + EV_RING + (self.events_produced % EV_SLOTS) * EV_SLOT_SIZE
-            struct.pack_into("<IIQ", self.mm, slot, kind, pec, time.time_ns())
-            self.mm[slot + 16 : slot + 48] = ccdf
-            self.events_produced += 1
-            struct.pack_into("<I", self.mm, EVENTS + EV_PRODUCER, self.events_produced)
+        self.ring.add(kind, pec, ccdf)
         if kind == Z.ZPCI_EVENT_ERROR:
-            self.function.counters.errors[f"pec_{pec:#04x}"] += 1
-        self.log.warning("zpci_event", pec=hex(pec), faddr=hex(faddr), reason=reason,
-                         kind=entry["type"])
-        self.function.irqs.signal(C.VFIO_PCI_ERR_IRQ_INDEX)
+            self.port.zpci_count_error(f"pec_{pec:#04x}")
+        self.log.warning("zpci_event", pec=hex(pec), faddr=hex(faddr), reason=reason, kind=entry["type"])
+        # Stock VMMs (QEMU's vfio-pci) stop the whole VM on the ERR IRQ: only a
+        # VMM that said it consumes the ring hears about new events.
+        if self.vmm_flags & R.VMM_EVENTS:
+            self.port.zpci_signal_error()
         self.publish()
 
-    def error(self, pec: int, faddr: int = 0, reason: str = "") -> None:
-        """A function error: error state plus an error event."""
-        if self.state in (State.ENABLED, State.BLOCKED):
-            self.state = State.ERROR
-            self.log.warning("zpci_state", state=self.state.name)
+    def error_event(self, pec: int, faddr: int, reason: str, *, enter_error: bool = True) -> None:
+        """An error event; an enabled or blocked function goes into the error state
+        (unless ``enter_error`` is False: the FMB events leave the state alone, as in QEMU)."""
+        if enter_error:
+            self.st.apply(Event.ERROR, pec=hex(pec))
         self._event(Z.ZPCI_EVENT_ERROR, pec, faddr, reason=reason)
 
     def availability(self, pec: int, reason: str = "") -> None:
@@ -349,446 +342,153 @@ class ZpciCore:
         self._event(Z.ZPCI_EVENT_AVAILABILITY, pec, reason=reason)
 
     def inject_error(self, pec: int = Z.ZPCI_PEC_SYSTEM_ERROR) -> dict[str, Any]:
-        self.error(pec, 0, "injected")
+        self.error_event(pec, 0, "injected")
         return {"state": self.state.name, "pec": pec}
 
-    # ------------------------------------------------------------------ mailbox
-    async def doorbell(self) -> None:
-        mm = self.mm
-        cmd, = struct.unpack_from("<I", mm, MAILBOX + MB_DOORBELL)
-        r1, r2, r3 = struct.unpack_from("<QQQ", mm, MAILBOX + MB_R1)
-        try:
-            out = await self.execute(cmd, r1, r2, r3)
-        except Exception:
-            self.log.exception("zpci_command_failed", cmd=cmd)
-            out = Outcome(result=RES_BAD_REQUEST)
-        struct.pack_into("<IBBBBQ", mm, MAILBOX + MB_RESULT, out.result, out.cc, out.status,
-                         out.exception, 0, out.r1 if out.r1 is not None else r1)
-        if out.fib is not None:
-            mm[MAILBOX + MB_FIB_OUT : MAILBOX + MB_FIB_OUT + len(out.fib)] = out.fib
-        self.publish()
+    def _fmb_failed(self, addr: int) -> None:
+        self.error_event(Z.ZPCI_PEC_FMB_ADDR, addr, "FMB not writable", enter_error=False)
 
-    async def execute(self, cmd: int, r1: int, r2: int, r3: int) -> Outcome:
-        if cmd == CMD_CLP:
-            return self._clp()
-        if cmd == CMD_MPCIFC:
-            fib = bytes(self.mm[MAILBOX + MB_FIB : MAILBOX + MB_FIB + 80])
-            return self.mpcifc(r1, fib)
-        if cmd == CMD_STPCIFC:
-            return self.stpcifc(r1)
-        if cmd == CMD_RPCIT:
-            return await self.rpcit(r1, r2, r3)
-        if cmd == CMD_PCISTB:
-            length = r1 & 0x1FFF
-            data = bytes(self.mm[MB_DATA : MB_DATA + min(length, MB_DATA_SIZE)])
-            return await self.pcistb(r1, r3, r2, data)
-        if cmd == CMD_PCILG:
-            return await self.pcilg(r2, r3)
-        if cmd == CMD_PCISTG:
-            return await self.pcistg(r1, r2, r3)
-        return Outcome(result=RES_BAD_COMMAND)
-
-    # ------------------------------------------------------------------ CLP
-    def _clp(self) -> Outcome:
-        req = bytes(self.mm[MAILBOX + MB_CLP_REQ : MAILBOX + MB_CLP_REQ + 32])
-        resp = self.clp(req)
-        base = MAILBOX + MB_CLP_RESP
-        self.mm[base : base + 0x100] = bytes(0x100)
-        self.mm[base : base + len(resp)] = resp
-        return Outcome()
-
-    def clp(self, block: bytes) -> bytes:
-        """Execute one CLP request block for this function; returns the response block."""
-        req, rc = Z.ClpRequest.parse(block)
-        if req is None:
-            return Z.ClpHeader(length=16, code=rc).pack()
-        if isinstance(req, Z.ClpListRequest):
-            if req.resume_token != 0:
-                return Z.ClpHeader(length=16, code=Z.CLP_RC_LISTPCI_BADRT).pack()
-            return Z.ClpListResponse(response_code=Z.CLP_RC_OK, resume_token=0, mdd=Z.FH_MASK_SHM,
-                                     max_fn=4096, flags=0x01, entries=(self.list_entry(),)).pack()
-        if isinstance(req, Z.ClpQueryPciFnRequest):
-            if req.fh & ~Z.FH_MASK_ENABLE != self.fh & ~Z.FH_MASK_ENABLE:
-                return Z.ClpHeader(length=16, code=Z.CLP_RC_SETPCIFN_FH).pack()
-            return self.query_fn().pack()
-        if isinstance(req, Z.ClpQueryPciFnGrpRequest):
-            if req.pfgid != self.props.pfgid:
-                return Z.ClpHeader(length=16, code=Z.CLP_RC_QUERYPCIFG_PFGID).pack()
-            return self.query_group().pack()
-        rc = self.set_pci_fn(req.fh, req.oc, req.ndas)
-        return Z.ClpSetPciFnResponse(response_code=rc, fh=self.fh).pack()
-
-    def set_pci_fn(self, fh: int, oc: int, ndas: int) -> int:
-        if fh & ~Z.FH_MASK_ENABLE != self.fh & ~Z.FH_MASK_ENABLE:
-            return Z.CLP_RC_SETPCIFN_FH
-        if self.state == State.PERMANENT_ERROR:
-            return Z.CLP_RC_SETPCIFN_ERR
-        if oc == Z.CLP_SET_ENABLE_PCI_FN:
-            if ndas == 0:
-                return Z.CLP_RC_SETPCIFN_DMAAS
-            if ndas > 1:
-                return Z.CLP_RC_SETPCIFN_RES
-            if self.fh & Z.FH_MASK_ENABLE:
-                return Z.CLP_RC_SETPCIFN_FHOP
-            self.fh |= Z.FH_MASK_ENABLE
-            self.state = State.ENABLED
-        elif oc == Z.CLP_SET_DISABLE_PCI_FN:
-            if not self.fh & Z.FH_MASK_ENABLE:
-                return Z.CLP_RC_SETPCIFN_FHOP
-            self.function_reset()
+    # ------------------------------------------------------------------ registrations
+    def register_ioat(self, pba: int, pal: int, iota: int, *, direct: bool) -> None:
+        if direct:
+            limit = self.mem_limit or _NO_LIMIT
+            translator: ShadowIotlb | DirectMap = DirectMap(self.sdma, pba, pal, limit)
         else:
-            return Z.CLP_RC_SETPCIFN_FHOP
-        self.log.info("zpci_state", state=self.state.name, fh=hex(self.fh))
-        self.publish()
-        return Z.CLP_RC_OK
-
-    # ------------------------------------------------------------------ MPCIFC
-    def _lookup(self, fh: int) -> Outcome | None:
-        """cc 3 unless ``fh`` is this function's current handle and it is usable."""
-        if fh != self.fh or self.state in _NOT_AVAILABLE:
-            return Outcome(cc=Z.ZPCI_PCI_LS_INVAL_HANDLE)
-        return None
-
-    def mpcifc(self, r1: int, fib_bytes: bytes) -> Outcome:
-        fh, dmaas, oc = r1 >> 32, (r1 >> 16) & 0xFF, r1 & 0xFF
-        bad = self._lookup(fh)
-        if bad:
-            return bad
-        try:
-            fib = Z.Fib.unpack(fib_bytes)
-        except ProtocolError:
-            return Outcome(exception=EXC_OPERAND)
-        if fib.fmt != 0:
-            return Outcome(exception=EXC_OPERAND)
-        err = lambda st: Outcome(cc=Z.ZPCI_PCI_LS_ERR, status=st)  # noqa: E731
-        if oc == Z.ZPCI_MOD_FC_REG_INT:
-            return self._register_interrupts(fib)
-        if oc == Z.ZPCI_MOD_FC_DEREG_INT:
-            if self.aif is None:
-                return err(Z.ZPCI_MOD_ST_SEQUENCE)
-            self.aif = None
-            self.function.msix.deliver_hook = None
-            self.log.info("zpci_aif", registered=False)
-            return Outcome()
-        if oc in (Z.ZPCI_MOD_FC_REG_IOAT, Z.ZPCI_MOD_FC_DEREG_IOAT, Z.ZPCI_MOD_FC_REREG_IOAT):
-            if dmaas != 0:
-                return err(Z.ZPCI_MOD_ST_DMAAS_INVAL)
-            if oc == Z.ZPCI_MOD_FC_REG_IOAT:
-                if self.ioat:
-                    return err(Z.ZPCI_MOD_ST_SEQUENCE)
-                return self._register_ioat(fib)
-            if not self.ioat:
-                return err(Z.ZPCI_MOD_ST_SEQUENCE)
-            self._deregister_ioat()
-            if oc == Z.ZPCI_MOD_FC_DEREG_IOAT:
-                return Outcome()
-            out = self._register_ioat(fib)
-            if out.exception == EXC_NONE and out.cc:
-                out.status = Z.ZPCI_MOD_ST_INSUF_RES
-            return out
-        if oc == Z.ZPCI_MOD_FC_RESET_ERROR:
-            if self.state not in (State.ERROR, State.BLOCKED):
-                return err(Z.ZPCI_MOD_ST_SEQUENCE)
-            self._set_state(State.ENABLED)
-            return Outcome()
-        if oc == Z.ZPCI_MOD_FC_RESET_BLOCK:
-            if self.state != State.ERROR:
-                return err(Z.ZPCI_MOD_ST_SEQUENCE)
-            self._set_state(State.BLOCKED)
-            return Outcome()
-        if oc == Z.ZPCI_MOD_FC_SET_MEASURE:
-            return self._set_measurement(fib.fmb_addr)
-        return Outcome(exception=EXC_OPERAND)
-
-    def _set_state(self, state: State) -> None:
-        self.state = state
-        self.log.info("zpci_state", state=state.name)
+            translator = self.shadow
+            self.shadow.pba, self.shadow.pal = pba, pal
+        self.ioat_reg = Ioat(pba, pal, iota, translator)
+        self.log.info("zpci_ioat", registered=True, pba=hex(pba), pal=hex(pal), iota=hex(iota), direct=direct)
         self.publish()
 
-    def _register_ioat(self, fib) -> Outcome:
-        pba = fib.pba & ~0xFFF
-        pal = fib.pal | 0xFFF
-        if pba > pal or pba < self.sdma or pal > self.edma:
-            return Outcome(exception=EXC_OPERAND)
-        iota = T.Iota.unpack(fib.iota)
-        if iota.translate:
-            if iota.designation_type != T.ZPCI_IOTA_RTTO:
-                return Outcome(exception=EXC_OPERAND)
-            self.direct = False
-        else:
-            if not self.props.rtr:
-                # The guest asked for no translation but RTR was never offered.
-                self.log.warning("zpci_refused", what="IOTA without translation", rtr=False)
-                return Outcome(exception=EXC_OPERAND)
-            self.direct = True
-        self.pba, self.pal, self.iota, self.ioat = pba, pal, fib.iota, True
-        self.log.info("zpci_ioat", registered=True, pba=hex(pba), pal=hex(pal),
-                      iota=hex(fib.iota), direct=self.direct)
-        self.publish()
-        return Outcome()
-
-    def _deregister_ioat(self) -> None:
+    def deregister_ioat(self) -> None:
         n = self.shadow.clear()
-        self.function.counters.pages_unmapped += n
-        self.pba = self.pal = self.iota = 0
-        self.ioat = self.direct = False
+        self.port.zpci_count("pages_unmapped", n)
+        self.ioat_reg = None
         self.log.info("zpci_ioat", registered=False, unmapped=n)
         self.publish()
 
-    def _register_interrupts(self, fib) -> Outcome:
-        if self.aif is not None:
-            return Outcome(cc=Z.ZPCI_PCI_LS_ERR, status=Z.ZPCI_MOD_ST_SEQUENCE)
-        msix = self.function.msix
-        if msix is None or fib.noi == 0 or fib.noi > msix.nvec:
-            return Outcome(cc=Z.ZPCI_PCI_LS_ERR, status=Z.ZPCI_MOD_ST_RES_NOT_AVAIL)
-        aif = AdapterInterrupts(fib.isc, fib.noi, fib.aibvo, bool(fib.sum), fib.aisbo,
-                                fib.aibv, fib.aisb)
+    async def refresh(self, start: int, length: int) -> RpcitResult:
+        """RPCIT's table walk into the shadow (validation included), in slices that
+        let the event loop run."""
+        result = await rpcit_sliced(self.shadow, self.memory, self.iota, self.pba, self.pal, start, length)
+        self.port.zpci_count("pages_mapped", result.mapped + result.changed)
+        self.port.zpci_count("pages_unmapped", result.unmapped)
+        if result.error is None:
+            self.fmb.count("rpcit")
+        self.publish()
+        return result
+
+    def register_interrupts(self, fib) -> bool:
+        """False when the indicators are not in mapped, writable guest memory."""
+        aif = AdapterInterrupts.from_fib(fib)
         try:
-            self._guest_view(aif.aibv, (aif.aibvo + aif.noi + 7) // 8, True)
-            if aif.summary:
-                self._guest_view(aif.aisb, (aif.aisbo // 8) + 1, True)
+            for addr, n in aif.indicator_ranges():
+                self.memory.view(addr, n, True)
         except DmaFault:
-            return Outcome(cc=Z.ZPCI_PCI_LS_ERR, status=Z.ZPCI_MOD_ST_RES_NOT_AVAIL)
+            return False
         self.aif = aif
-        msix.deliver_hook = self._adapter_interrupt
         self.log.info("zpci_aif", registered=True, isc=aif.isc, noi=aif.noi, aibv=hex(aif.aibv),
                       aisb=hex(aif.aisb))
-        return Outcome()
+        return True
 
-    def _set_measurement(self, addr: int) -> Outcome:
-        if addr & 0xF:
-            self.fmb_addr = 0
-            self._event(Z.ZPCI_EVENT_ERROR, Z.ZPCI_PEC_FMB_PROTECTION, addr, reason="FMB misaligned")
-            return Outcome(cc=Z.ZPCI_PCI_LS_ERR)
-        self.fmb_addr = addr
-        if addr:
-            self._fmb_update()
-        self.log.info("zpci_fmb", addr=hex(addr))
-        return Outcome()
+    def deregister_interrupts(self) -> bool:
+        if self.aif is None:
+            return False
+        self.aif = None
+        self.log.info("zpci_aif", registered=False)
+        return True
 
-    def _fmb_update(self) -> None:
-        if not self.fmb_addr or not self.translating:
-            return
-        f = self.fmb
-        f["samples"] += 1
-        # The lowest TOD bit (~0.24 ns) doubles as the update-in-progress flag.
-        tod = _tod() & ~Z.ZPCI_FMB_UPDATE_IN_PROGRESS
-        try:
-            view = self._guest_view(self.fmb_addr, FMB_LENGTH, True)
-            # Same sequence as firmware: mark the update in progress, write the
-            # counters, then the final timestamp with the in-progress bit clear.
-            struct.pack_into(">Q", view, 8, tod | Z.ZPCI_FMB_UPDATE_IN_PROGRESS)
-            block = Z.Fmb(fmt=0, format_indicators=0x800000, samples=f["samples"],
-                          last_update=tod | Z.ZPCI_FMB_UPDATE_IN_PROGRESS,
-                          ld_ops=f["ld"], st_ops=f["st"], stb_ops=f["stb"], rpcit_ops=f["rpcit"],
-                          dma_rbytes=f["dma_r"], dma_wbytes=f["dma_w"]).pack()
-            view[: len(block)] = block
-            struct.pack_into(">Q", view, 8, tod)
-        except DmaFault:
-            addr, self.fmb_addr = self.fmb_addr, 0
-            self._event(Z.ZPCI_EVENT_ERROR, Z.ZPCI_PEC_FMB_ADDR, addr, reason="FMB not writable")
-
-    def _count(self, key: str, n: int = 1) -> None:
-        self.fmb[key] += n
-        if self.fmb_addr:
-            self._fmb_update()
-
-    # ------------------------------------------------------------------ STPCIFC
-    def stpcifc(self, r1: int) -> Outcome:
-        fh, dmaas = r1 >> 32, (r1 >> 16) & 0xFF
-        if dmaas != 0:
-            return Outcome(cc=Z.ZPCI_PCI_LS_ERR, status=Z.ZPCI_STPCIFC_ST_INVAL_DMAAS)
-        if (fh & Z.FH_MASK_INDEX) != (self.fh & Z.FH_MASK_INDEX) or self.state in (
-                State.RESERVED, State.STANDBY):
-            return Outcome(cc=Z.ZPCI_PCI_LS_INVAL_HANDLE)
-        if self.state == State.DISABLED:
-            if fh & Z.FH_MASK_ENABLE:
-                return Outcome(cc=Z.ZPCI_PCI_LS_INVAL_HANDLE)
-            return Outcome(fib=Z.Fib().pack())
-        if self.state == State.PERMANENT_ERROR:
-            return Outcome(cc=Z.ZPCI_PCI_LS_ERR, status=Z.ZPCI_STPCIFC_ST_PERM_ERROR)
-        fc = Z.ZPCI_FIB_FC_ENABLED
-        if self.state == State.BLOCKED:
-            fc |= Z.ZPCI_FIB_FC_ERROR
-        elif self.state == State.ERROR:
-            fc |= Z.ZPCI_FIB_FC_ERROR | Z.ZPCI_FIB_FC_LS_BLOCKED
-        if self.ioat:
-            fc |= Z.ZPCI_FIB_FC_DMAAS_REG
-        a = self.aif
-        fib = Z.Fib(fmt=0, fc=fc, pba=self.pba, pal=self.pal, iota=self.iota,
-                    isc=a.isc if a else 0, noi=a.noi if a else 0, aibvo=a.aibvo if a else 0,
-                    sum=int(a.summary) if a else 0, aisbo=a.aisbo if a else 0,
-                    aibv=a.aibv if a else 0, aisb=a.aisb if a else 0, fmb_addr=self.fmb_addr)
-        r1_out = r1 | (1 << 63) if not fh & Z.FH_MASK_ENABLE else r1
-        return Outcome(fib=fib.pack(), r1=r1_out)
-
-    # ------------------------------------------------------------------ RPCIT
-    async def rpcit(self, r1: int, start: int, length: int) -> Outcome:
-        if not self.translating:
-            return Outcome(result=RES_WRONG_MODE)
-        fh = r1 >> 32
-        bad = self._lookup(fh)
-        if bad:
-            return bad
-        self.function.counters.rpcit_calls += 1
-        if self.state == State.ERROR:
-            return Outcome(cc=Z.ZPCI_PCI_LS_ERR, status=Z.ZPCI_PCI_ST_FUNC_NOT_AVAIL,
-                           r1=_with_status(r1, Z.ZPCI_PCI_ST_FUNC_NOT_AVAIL))
-        if self.iota == 0:
-            return self._rpcit_error(r1, Z.ZPCI_PEC_INVALID_AS, start, "no IOTA registered")
-        if self.direct:
-            self._count("rpcit")
-            return Outcome(r1=r1)  # nothing to shadow: every IOVA is already mapped
-        if length == 0 and self.pba <= start <= self.pal:
-            self._count("rpcit")
-            return Outcome(r1=r1)  # nothing to refresh (QEMU answers cc 0 as well)
-        if length == 0 or start + length - 1 < self.pba or start > self.pal:
-            return self._rpcit_error(r1, Z.ZPCI_PEC_OUT_OF_RANGE, start, "range outside PBA-PAL")
-        # The walker clips to [PBA, PAL] itself and reports failures from ``start`` on.
-        result = await walk_rpcit(self.shadow, self.function.dma, self.iota, self.pba, self.pal, start, length)
-        c = self.function.counters
-        c.pages_mapped += result.mapped + result.changed
-        c.pages_unmapped += result.unmapped
-        self._count("rpcit")
-        if log.debug_enabled():  # per intercept: not even a filtered call
-            self.log.debug("rpcit", start=hex(start), length=hex(length), mapped=result.mapped,
-                           unmapped=result.unmapped, changed=result.changed, skipped=result.skipped)
-        if result.error is not None:
-            e = result.error
-            return self._rpcit_error(r1, e.pec, e.iova, str(e))
-        self.publish()
-        if result.insufficient_resources:
-            c.errors["rpcit_insufficient_resources"] += 1
-            return Outcome(cc=Z.ZPCI_PCI_LS_ERR, status=Z.ZPCI_RPCIT_ST_INSUFF_RES,
-                           r1=_with_status(r1, Z.ZPCI_RPCIT_ST_INSUFF_RES))
-        return Outcome(r1=r1)
-
-    def _rpcit_error(self, r1: int, pec: int, addr: int, reason: str) -> Outcome:
-        self.error(pec, addr, reason)
-        return Outcome(cc=Z.ZPCI_PCI_LS_ERR, status=Z.ZPCI_PCI_ST_FUNC_IN_ERR,
-                       r1=_with_status(r1, Z.ZPCI_PCI_ST_FUNC_IN_ERR))
-
-    # ------------------------------------------------------------------ load/store
-    def _ls_check(self, fh: int) -> Outcome | None:
-        if not fh & Z.FH_MASK_ENABLE or fh != self.fh or self.state in _NOT_AVAILABLE:
-            return Outcome(cc=Z.ZPCI_PCI_LS_INVAL_HANDLE)
-        if self.state == State.ERROR:
-            return Outcome(cc=Z.ZPCI_PCI_LS_ERR, status=Z.ZPCI_PCI_ST_BLOCKED)
-        return None
-
-    async def pcistb(self, r1: int, offset: int, gaddr: int, data: bytes) -> Outcome:
-        fh, pcias, length = r1 >> 32, (r1 >> 16) & 0xF, r1 & 0x1FFF
-        bad = self._ls_check(fh)
-        if bad:
-            return bad
-        if pcias > 5 or pcias not in self.function.config.bars:
-            return Outcome(cc=Z.ZPCI_PCI_LS_ERR, status=Z.ZPCI_PCI_ST_INVAL_AS,
-                           r1=_with_status(r1, Z.ZPCI_PCI_ST_INVAL_AS))
-        if length > self.props.maxstbl or length == 0 or length > MB_DATA_SIZE:
-            return Outcome(exception=EXC_SPECIFICATION)
-        if (offset & 0xFFF) + length > PAGE:
-            return Outcome(exception=EXC_SPECIFICATION)
-        if not self.props.relaxed_alignment and (offset % 8 or length <= 8 or length % 8 or gaddr % 8):
-            return Outcome(exception=EXC_SPECIFICATION)
-        region = self.function.config.bars[pcias].region
-        if offset + length > region.size:
-            return Outcome(exception=EXC_OPERAND)
-        # One access of the whole block: never split into smaller stores.
-        await self.function.region_write(pcias, offset, data[:length])
-        self._count("stb")
-        return Outcome(r1=r1)
-
-    def _ls_args(self, req: int, offset: int):
-        fh, pcias, length = req >> 32, (req >> 16) & 0xF, req & 0xF
-        bad = self._ls_check(fh)
-        if bad:
-            return bad, None
-        if pcias == 15:
-            if length not in (1, 2, 4) or (offset % 4) + length > 4 or offset + length > 4096:
-                return Outcome(exception=EXC_OPERAND), None
-            return None, (7, length)
-        if pcias > 5 or pcias not in self.function.config.bars:
-            return Outcome(cc=Z.ZPCI_PCI_LS_ERR, status=Z.ZPCI_PCI_ST_INVAL_AS), None
-        if not 1 <= length <= 8 or (offset % 8) + length > 8 \
-                or offset + length > self.function.config.bars[pcias].region.size:
-            return Outcome(exception=EXC_OPERAND), None
-        return None, (pcias, length)
-
-    async def pcilg(self, req: int, offset: int) -> Outcome:
-        bad, args = self._ls_args(req, offset)
-        if bad:
-            return bad
-        index, length = args
-        data = await self.function.region_read(index, offset, length)
-        self._count("ld")
-        # Storage order, right-justified: the lowest-addressed byte is most significant.
-        return Outcome(r1=int.from_bytes(data, "big"))
-
-    async def pcistg(self, value: int, req: int, offset: int) -> Outcome:
-        bad, args = self._ls_args(req, offset)
-        if bad:
-            return bad
-        index, length = args
-        await self.function.region_write(index, offset, (value & ((1 << (8 * length)) - 1)).to_bytes(length, "big"))
-        self._count("st")
-        return Outcome(r1=value)
-
-    # ------------------------------------------------------------------ DMA path
-    def _guest_view(self, gpa: int, length: int, write: bool) -> memoryview:
-        return self.function.dma.view(gpa, length, write)
-
-    def translate(self, iova: int, length: int, write: bool) -> list[tuple[int, int]]:
-        """IOVA range -> guest address pieces, or an error event plus DmaFault."""
-        if self.state not in (State.ENABLED, State.BLOCKED) or not self.ioat:
-            raise DmaFault(iova, length, write, f"function {self.state.name.lower()}, DMA not enabled")
-        if iova < self.pba or iova + length - 1 > self.pal:
-            self.error(Z.ZPCI_PEC_OUT_OF_RANGE, iova, "DMA outside PBA-PAL")
-            raise DmaFault(iova, length, write, "outside the DMA aperture")
-        if self.direct:
-            gpa = iova - self.sdma
-            if self.mem_limit and gpa + length > self.mem_limit:
-                self.error(Z.ZPCI_PEC_OUT_OF_RANGE, iova, "DMA beyond guest memory")
-                raise DmaFault(iova, length, write, "beyond guest memory")
-            return [(gpa, length)]
-        try:
-            return self.shadow.translate(iova, length, write)
-        except TranslationError as exc:
-            self.error(exc.pec, exc.iova, "DMA translation fault")
-            raise DmaFault(iova, length, write, str(exc)) from None
-
-    def _adapter_interrupt(self, vector: int) -> bool:
-        """MSI-X vector -> AIBV bit (+ summary bit); True if the VMM must be signalled."""
+    # ------------------------------------------------------------------ interrupt-delivery hook
+    def deliver_interrupt(self, vector: int) -> bool:
+        """Called for MSI-X vector ``vector`` (the table index) before its eventfd
+        is signalled; False suppresses the eventfd."""
         a = self.aif
         if a is None or not self.translating:
             return True
         if self.state != State.ENABLED or vector >= a.noi:
             return False
         try:
-            bit = a.aibvo + vector
-            set_indicator_bit(self._address(a.aibv + bit // 8), bit % 8)
-            raise_irq = True
-            if a.summary:
-                raise_irq = set_indicator_bit(self._address(a.aisb + a.aisbo // 8), a.aisbo % 8)
+            signal = raise_vector(a, vector, self._address)
         except DmaFault:
-            self.error(Z.ZPCI_PEC_AI_INDICATOR, a.aibv, "adapter interrupt indicators not mapped")
+            self.error_event(Z.ZPCI_PEC_AI_INDICATOR, a.aibv, "adapter interrupt indicators not mapped")
             return False
-        self.function.counters.interrupts += 1
-        # The guest scans every vector once it sees the summary bit: an interrupt
-        # is only needed when that bit went from 0 to 1.
-        return raise_irq
+        self.port.zpci_count("interrupts")
+        return signal
 
     def _address(self, gpa: int) -> int:
         """Process address of a writable guest byte, or DmaFault (unmapped, read-only, message mode)."""
-        self._guest_view(gpa, 1, True)  # the same checks as every other guest access
-        r = self.function.dma.find(gpa)
+        self.memory.view(gpa, 1, True)  # the same checks as every other guest access
+        r = self.memory.find(gpa)
         return r.file.address + r.mm_offset + (gpa - r.iova)
 
+    # ------------------------------------------------------------------ DMA path
+    def dma_fault(self, pec: int, fail: int, iova: int, length: int, write: bool,
+                  reason: str) -> NoReturn:
+        """A device DMA that cannot complete: error state and event (IOVA ``fail``), then DmaFault.
+
+        Only an enabled or blocked function changes state and reports; a function
+        already in the error state (or not enabled) just fails the access.
+        """
+        if self.state in DMA_STATES:
+            self.error_event(pec, fail, reason)
+        raise DmaFault(iova, length, write, reason)
+
+    def translate(self, iova: int, length: int, write: bool) -> list[tuple[int, int, int]]:
+        """IOVA range -> (iova, guest address, length) pieces, or an error event plus DmaFault."""
+        if not self.translating:
+            return [(iova, iova, length)]  # DMA_MAP keys are IOVAs: the VMM translated
+        if self.state not in DMA_STATES:
+            raise DmaFault(iova, length, write, f"function {self.state.name.lower()}, DMA not enabled")
+        if self.ioat_reg is None:
+            self.dma_fault(Z.ZPCI_PEC_INVALID_AS, iova, iova, length, write,
+                           "DMA without registered I/O address translation")
+        try:
+            pieces = self.ioat_reg.translator.translate(iova, length, write)
+        except TranslationError as exc:
+            self.dma_fault(exc.pec, exc.iova, iova, length, write, f"DMA translation fault: {exc}")
+        out, pos = [], iova
+        for gpa, n in pieces:
+            out.append((pos, gpa, n))
+            pos += n
+        return out
+
+    def memory_fault(self, piece_iova: int, gpa: int, exc: DmaFault, iova: int, length: int,
+                     write: bool) -> NoReturn:
+        """A translated access that lands where the VMM mapped no guest memory."""
+        if exc.client_gone:
+            raise exc  # not the guest's doing: the VMM went away in the middle of the access
+        fail = piece_iova + max(0, exc.addr - gpa)
+        # zpcid-translates: the translation is fine, guest storage is not there;
+        # vmm-translates: the VMM has no mapping for the IOVA.
+        pec = Z.ZPCI_PEC_ACCESS_PROTECTION if self.translating else Z.ZPCI_PEC_TRANSLATION_PROTECTION
+        self.dma_fault(pec, fail, iova, length, write, f"guest memory not mapped: {exc.reason}")
+
+    def account_dma(self, read: int, written: int) -> None:
+        if not self.translating:
+            return
+        if read:
+            self.fmb.count("dma_r", read)
+            self.port.zpci_count("dma_bytes_read", read)
+        if written:
+            self.fmb.count("dma_w", written)
+            self.port.zpci_count("dma_bytes_written", written)
+
     # ------------------------------------------------------------------ control socket
+    def mappings(self) -> list[dict[str, Any]]:
+        if self.ioat_reg is None:
+            return []
+        direct = self.direct
+        return [{"iova": i, "size": n, "gpa": g, "writable": w} | ({"direct": True} if direct else {})
+                for i, n, g, w in self.ioat_reg.translator.ranges()]
+
     def describe(self) -> dict[str, Any]:
         a = self.aif
         return {
             "state": self.state.name.lower(),
-            "mode": MODE_NAMES[self.mode],
+            "mode": R.MODE_NAMES[self.mode],
+            "vmm": {"events": bool(self.vmm_flags & R.VMM_EVENTS),
+                    "adapter_interrupts": bool(self.vmm_flags & R.VMM_ADAPTER),
+                    "fid": self.vmm_fid, "uid": self.vmm_uid},
             "fh": self.fh,
             "pfgid": self.props.pfgid,
             "pchid": self.props.pchid,
@@ -800,111 +500,81 @@ class ZpciCore:
             "dma_limit": self.shadow.limit,
             "dma_limit_remaining": self.shadow.available,
             "adapter_interrupts": None if a is None else attrs.asdict(a),
-            "fmb_addr": self.fmb_addr,
-            "fmb": dict(self.fmb),
+            "fmb_addr": self.fmb.addr,
+            "fmb": dict(self.fmb.counters),
             "sdma": self.sdma,
             "edma": self.edma,
             "events": len(self.event_log),
         }
 
+    # ------------------------------------------------------------------ snapshot
+    def snapshot(self) -> "ZpciSnapshot":
+        """Function state, registrations, shadow IOTLB, FMB, event ring and the
+        region itself (its memfd: the VMM has it mapped, so the next process must
+        serve the same file)."""
+        return ZpciSnapshot(
+            region=self.region.snapshot(),
+            state=int(self.state), fh=self.fh, mode=self.mode, mem_limit=self.mem_limit,
+            vmm=(self.vmm_flags, self.vmm_fid, self.vmm_uid),
+            ioat=None if self.ioat_reg is None else (self.pba, self.pal, self.iota, self.direct),
+            shadow=self.shadow.snapshot(),
+            aif=None if self.aif is None else attrs.astuple(self.aif),
+            fmb_addr=self.fmb.addr, fmb=tuple(sorted(self.fmb.counters.items())),
+            events=(self.ring.produced, self.ring.lost),
+            event_log=tuple(tuple(sorted(e.items())) for e in self.event_log),
+        )
 
-_TOD_UNIX_EPOCH_US = 2208988800 * 1_000_000  # 1900-01-01 to 1970-01-01
+    def restore(self, snap: "ZpciSnapshot") -> None:
+        """Become the zPCI function ``snap`` was taken of (takes the region's fd).
+
+        Runs after the DMA space was restored: registrations refer to guest memory.
+        """
+        try:
+            expect(snap, ZpciSnapshot)
+            require(snap.mode in R.MODE_NAMES, f"unknown mode {snap.mode}")
+            require(snap.state in State._value2member_map_, f"unknown state {snap.state}")
+            require(snap.shadow.limit == self.shadow.limit,
+                    f"snapshot DMA limit {snap.shadow.limit} differs from {self.shadow.limit}")
+        except BaseException:
+            snap.close_fds()
+            raise
+        self.region.restore(snap.region)
+        self.fmb.stop()
+        self.mode, self.mem_limit = snap.mode, snap.mem_limit
+        self.vmm_flags, self.vmm_fid, self.vmm_uid = snap.vmm
+        self.st.restore(State(snap.state), snap.fh)
+        self.shadow.restore(snap.shadow)
+        self.ioat_reg = None
+        if snap.ioat is not None:
+            pba, pal, iota, direct = snap.ioat
+            shadow_mapped = self.shadow.mapped
+            self.register_ioat(pba, pal, iota, direct=direct)
+            require(shadow_mapped == self.shadow.mapped, "shadow changed while restoring")
+        self.aif = None if snap.aif is None else AdapterInterrupts(*snap.aif)
+        self.fmb.counters = dict(snap.fmb)
+        self.fmb.addr = snap.fmb_addr
+        self.fmb.arm()
+        self.ring.produced, self.ring.lost = snap.events
+        self.event_log.clear()
+        self.event_log.extend(dict(e) for e in snap.event_log)
+        self._clp_key = None
+        self.publish()
 
 
-def _tod() -> int:
-    """The s390 TOD clock value for now (bit 51 = 1 microsecond)."""
-    return ((time.time_ns() // 1000 + _TOD_UNIX_EPOCH_US) << 12) & ((1 << 64) - 1)
+@attrs.frozen
+class ZpciSnapshot(Snapshot):
+    KIND = "zpci.function"
+    region: MemfdRegionSnapshot
+    state: int
+    fh: int
+    mode: int
+    mem_limit: int
+    vmm: tuple
+    ioat: tuple | None  # (pba, pal, iota, direct)
+    shadow: ShadowSnapshot
+    aif: tuple | None  # AdapterInterrupts fields
+    fmb_addr: int
+    fmb: tuple  # (counter, value) pairs
+    events: tuple  # (produced, lost)
+    event_log: tuple  # the control socket's history, (key, value) pairs per event
 
-
-def _with_status(r1: int, status: int) -> int:
-    return (r1 & ~(0xFF << 24)) | ((status & 0xFF) << 24)
-
-
-class ZpciDmaPath:
-    """The DMA API device models use; translates IOVAs in zpcid-translates mode."""
-
-    def __init__(self, core: ZpciCore):
-        self.core = core
-        self.space = core.function.dma
-
-    async def read(self, iova: int, length: int) -> bytes:
-        core = self.core
-        if not core.translating:
-            return await self.space.read(iova, length)
-        pieces = core.translate(iova, length, False)
-        out = [await self.space.read(gpa, n) for gpa, n in pieces]
-        core._count("dma_r", length)
-        core.function.counters.dma_bytes_read += length
-        return out[0] if len(out) == 1 else b"".join(out)
-
-    async def write(self, iova: int, data) -> None:
-        core = self.core
-        if not core.translating:
-            await self.space.write(iova, data)
-            return
-        pieces = core.translate(iova, len(data), True)
-        pos = 0
-        view = memoryview(data)
-        for gpa, n in pieces:
-            await self.space.write(gpa, view[pos : pos + n])
-            pos += n
-        core._count("dma_w", len(data))
-        core.function.counters.dma_bytes_written += len(data)
-
-    @property
-    def view_generation(self) -> int | None:
-        """Changes whenever a view taken earlier may no longer be what its IOVA maps to;
-        None while the IOMMU translates (RPCIT can change a mapping at any time)."""
-        return None if self.core.translating else self.space.generation
-
-    def views(self, iova: int, length: int, write: bool) -> list[memoryview] | None:
-        """Memoryviews of the client memory behind an IOVA range, for I/O straight into
-        or out of it; None where the memory is reachable only through DMA messages."""
-        core = self.core
-        if not core.translating:
-            return self.space.views(iova, length, write)
-        out: list[memoryview] = []
-        for gpa, n in core.translate(iova, length, write):
-            piece = self.space.views(gpa, n, write)
-            if piece is None:
-                return None
-            out += piece
-        core._count("dma_w" if write else "dma_r", length)
-        if write:
-            core.function.counters.dma_bytes_written += length
-        else:
-            core.function.counters.dma_bytes_read += length
-        return out
-
-    async def copy(self, dst: int, src: int, length: int) -> None:
-        """Device-internal copy between two IOVA ranges: one memcpy per contiguous piece."""
-        core = self.core
-        if core.translating:
-            spieces = core.translate(src, length, False)
-            dpieces = core.translate(dst, length, True)
-        else:
-            spieces, dpieces = [(src, length)], [(dst, length)]
-        space = self.space
-        si = di = 0
-        (sa, sn), (da, dn) = spieces[0], dpieces[0]
-        while True:
-            n = min(sn, dn)
-            try:
-                space.view(da, n, True)[:] = space.view(sa, n, False)
-            except DmaFault:
-                # message-mode or discontiguous client memory: go through read/write
-                await space.write(da, await space.read(sa, n))
-            sa, sn, da, dn = sa + n, sn - n, da + n, dn - n
-            if sn == 0:
-                si += 1
-                if si == len(spieces):
-                    break
-                sa, sn = spieces[si]
-            if dn == 0:
-                di += 1
-                da, dn = dpieces[di]
-        if core.translating:
-            core._count("dma_r", length)
-            core._count("dma_w", length)
-            core.function.counters.dma_bytes_read += length
-            core.function.counters.dma_bytes_written += length
