@@ -56,7 +56,7 @@ from zpcid.vfio_user.transport import SocketTransport, close_fds
 from zpcid.vmm import client as vclient
 from zpcid.vmm.model import attach
 from zpcid.vmm.virtio_driver import GuestMemory, open_blk
-from zpcid.zpci import core as Zr
+from protocol.zpci import region as Zr
 from zpcid.zpci.properties import ZpciProperties
 
 ANSWER_TIMEOUT = 30.0  # generous: a function that misses it is frozen
