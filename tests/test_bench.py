@@ -106,3 +106,17 @@ async def test_virtio_bench_measures_every_figure_next_to_its_baseline(tmp_path,
         assert res["baseline"][k] > 0 and abs(ratio - res["virtio"][k] / res["baseline"][k]) <= 5e-4
     assert res["virtio"]["notifications"] > 0
     assert not any(tmp_path.iterdir())
+
+
+def test_restart_bench_reports_each_kind_per_round(capsys):
+    from zpcid.tools import restart_bench
+
+    assert restart_bench.main(["--functions", "1", "--rounds", "1", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert set(res) == {"1"} and set(res["1"]) == {"baseline", "restart", "upgrade"}
+    for kind, figures in res["1"].items():
+        assert len(figures["pause_ms"]) == len(figures["worst_request_ms"]) == 1, kind
+        assert all(w > 0 for w in figures["worst_request_ms"]), kind  # the clients kept reading
+    # A restart really paused the daemon; the baseline by definition did not.
+    assert res["1"]["baseline"]["pause_ms"] == [0.0]
+    assert res["1"]["restart"]["pause_ms"][0] > 0 and res["1"]["upgrade"]["pause_ms"][0] > 0

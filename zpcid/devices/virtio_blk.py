@@ -224,31 +224,30 @@ class BackingFile:
     # ------------------------------------------------------------------ never blocking
     def read_nowait(self, views: list[memoryview], offset: int) -> int:
         """Bytes copied from the page cache into ``views`` without blocking (0 if none)."""
-        if not self.nowait or len(views) > IOV_MAX:
+        return self._nowait(views, offset, write=False) if self.nowait else 0
+
+    def write_nowait(self, views: list[memoryview], offset: int) -> int:
+        """Bytes written into the page cache without blocking (0 if none)."""
+        return self._nowait(views, offset, write=True) if self.write_nowait_ok else 0
+
+    def _nowait(self, views: list[memoryview], offset: int, *, write: bool) -> int:
+        if len(views) > IOV_MAX:
             return 0
         try:
+            if write:
+                return os.pwritev(self.fd, views, offset, os.RWF_NOWAIT)
             return os.preadv(self.fd, views, offset, os.RWF_NOWAIT)
         except BlockingIOError:
             return 0
         except OSError as exc:
-            if exc.errno in _NOT_SUPPORTED:
-                self.nowait = self.write_nowait_ok = False  # this file cannot; use threads
-                return 0
-            raise
-
-    def write_nowait(self, views: list[memoryview], offset: int) -> int:
-        """Bytes written into the page cache without blocking (0 if none)."""
-        if not self.write_nowait_ok or len(views) > IOV_MAX:
-            return 0
-        try:
-            return os.pwritev(self.fd, views, offset, os.RWF_NOWAIT)
-        except BlockingIOError:
-            return 0
-        except OSError as exc:
-            if exc.errno in _NOT_SUPPORTED:
+            if exc.errno not in _NOT_SUPPORTED:
+                raise
+            # This file cannot do it (ext4 refuses buffered NOWAIT writes): use threads.
+            if write:
                 self.write_nowait_ok = False
-                return 0
-            raise
+            else:
+                self.nowait = self.write_nowait_ok = False
+            return 0
 
     # ------------------------------------------------------------------ blocking
     def _aligned(self, views: list[memoryview], offset: int, length: int) -> bool:
@@ -264,6 +263,15 @@ class BackingFile:
 
     def read_into(self, views: list[memoryview], offset: int) -> None:
         """Fill ``views`` from ``offset``; past the end of the file reads as zeros."""
+        self._transfer(views, offset, write=False)
+
+    def write_from(self, views: list[memoryview], offset: int) -> None:
+        self._transfer(views, offset, write=True)
+
+    def _transfer(self, views: list[memoryview], offset: int, *, write: bool) -> None:
+        """Move data between the file at ``offset`` and ``views``: through O_DIRECT when
+        the cache mode asks for it and the request is aligned, else through the page cache."""
+        move = self._pwritev_all if write else self._preadv_all
         length = sum(len(v) for v in views)
         if self.direct and not offset % self.align and not length % self.align:
             if not self._aligned(views, offset, length):
@@ -272,17 +280,20 @@ class BackingFile:
                 with _Bounce(min(length, IO_CHUNK)) as bounce:
                     rest = views
                     for pos in range(0, length, IO_CHUNK):
-                        n = min(IO_CHUNK, length - pos)
-                        self._preadv_all(self.dfd, [bounce.view[:n]], offset + pos)
-                        rest = _copy(bounce.view[:n], rest, to_views=True)
+                        with bounce.view[: min(IO_CHUNK, length - pos)] as chunk:
+                            if write:
+                                rest = _copy(chunk, rest, to_views=False)
+                            move(self.dfd, [chunk], offset + pos)
+                            if not write:
+                                rest = _copy(chunk, rest, to_views=True)
                 return
             try:
-                self._preadv_all(self.dfd, views, offset)
+                move(self.dfd, views, offset)
                 return
             except OSError as exc:
                 if exc.errno != errno.EINVAL:
                     raise  # (EINVAL: an alignment the probe did not see; go buffered)
-        self._preadv_all(self.fd, views, offset)
+        move(self.fd, views, offset)
 
     def _preadv_all(self, fd: int, views: list[memoryview], offset: int) -> None:
         for group in _iov_groups(views):
@@ -294,26 +305,6 @@ class BackingFile:
                     break
                 offset += n
                 group = _advance(group, n)
-
-    def write_from(self, views: list[memoryview], offset: int) -> None:
-        length = sum(len(v) for v in views)
-        if self.direct and not offset % self.align and not length % self.align:
-            if not self._aligned(views, offset, length):
-                self.bounced += 1
-                with _Bounce(min(length, IO_CHUNK)) as bounce:
-                    rest = views
-                    for pos in range(0, length, IO_CHUNK):
-                        n = min(IO_CHUNK, length - pos)
-                        rest = _copy(bounce.view[:n], rest, to_views=False)
-                        self._pwritev_all(self.dfd, [bounce.view[:n]], offset + pos)
-                return
-            try:
-                self._pwritev_all(self.dfd, views, offset)
-                return
-            except OSError as exc:
-                if exc.errno != errno.EINVAL:
-                    raise
-        self._pwritev_all(self.fd, views, offset)
 
     def _pwritev_all(self, fd: int, views: list[memoryview], offset: int) -> None:
         for group in _iov_groups(views):

@@ -24,6 +24,7 @@ import os
 import shutil
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -213,6 +214,43 @@ class Daemon(bench_isolation.Daemon):
         return F.cpu_seconds(self.pid)
 
 
+class OtherDaemon:
+    """``zpcid serve`` from another source tree (``--against``), one dma-engine function.
+
+    Only a blocking client talks to it (VERSION, REGION_READ), so any version of
+    the daemon with the same configuration keys will do.
+    """
+
+    def __init__(self, src: str, base: str):
+        self.dir = os.path.join(base, "against")
+        os.makedirs(self.dir)
+        cfg = os.path.join(self.dir, "zpcid.toml")
+        with open(cfg, "w") as f:
+            f.write(f'[daemon]\nruntime-dir = "{self.dir}"\nlog-level = "error"\nlog-format = "json"\n\n'
+                    '[[function]]\nname = "old"\ntype = "dma-engine"\nfid = 1\nuid = 1\n')
+        self.log = open(os.path.join(self.dir, "zpcid.log"), "wb")
+        env = dict(os.environ, PYTHONPATH=os.path.abspath(src))
+        # The command line moved from zpcid.service.cli to zpcid.cli at some point.
+        entry = "zpcid.cli" if os.path.exists(os.path.join(src, "zpcid", "cli.py")) else "zpcid.service.cli"
+        self.proc = subprocess.Popen([sys.executable, "-m", entry, "serve", "--config", cfg],
+                                     cwd=os.path.abspath(src), env=env, stdout=self.log,
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        self.pid = self.proc.pid
+        self.path = os.path.join(self.dir, "old.sock")
+        deadline = time.monotonic() + 60
+        while not os.path.exists(self.path):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.close()
+                raise RuntimeError(f"the daemon from {src} did not start (see {self.log.name})")
+            time.sleep(0.05)
+        time.sleep(0.5)  # its workers, if any, come up after the socket
+
+    def cpu(self) -> float:
+        return F.cpu_seconds(self.pid)
+
+    close = bench_isolation.Daemon.close  # same process, same stop
+
+
 @contextlib.contextmanager
 def blocking(sock: socket.socket) -> Iterator[F.BlockingPeer]:
     """Borrow a trio-driven connection for blocking calls (no trio task may read it meanwhile)."""
@@ -278,7 +316,7 @@ def memcpy_rate(src, dst) -> float:
 
 # ---------------------------------------------------------------- the message path
 async def bench_message_path(daemon: Daemon, echo: F.Responder, floors: dict[str, F.Responder],
-                             rep: Report, quick: bool) -> None:
+                             rep: Report, quick: bool, other: OtherDaemon | None = None) -> None:
     n, rounds = (300, 6) if quick else (2000, 12)
     cfg_read = F.region_read(CONFIG_REGION, 0, 4)
     async with attach(daemon.translating, guest_memory=64 * MiB) as vmm, \
@@ -320,6 +358,10 @@ async def bench_message_path(daemon: Daemon, echo: F.Responder, floors: dict[str
                 "rpcit": lambda: batch(zp, F.REGION_WRITE, rpcit, n, daemon.cpu),
                 "map": stock_maps,
             }
+            if other is not None:
+                peers["other"] = F.BlockingPeer.connect(other.path)
+                peers["other"].negotiate()
+                measures["other"] = lambda: batch(peers["other"], F.REGION_READ, cfg_read, n, other.cpu)
             echo_batch = responder("echo")
             for m in [echo_batch, *measures.values()]:
                 m()  # warm-up: connections, caches, first-use paths
@@ -361,6 +403,11 @@ async def bench_message_path(daemon: Daemon, echo: F.Responder, floors: dict[str
     rep.add(cpu_row("map", "zpcid per DMA_MAP (stock path)"))
     rep.add(Row("server CPU", "minimal blocking responder per REGION_READ", "us/msg", us(got["blocking"], 1),
                 us(got["trio"], 1), "minimal trio responder"))
+    if other is not None:
+        rep.add(rtt_row("other", "--against daemon: REGION_READ config space, round trip"))
+        rep.add(cpu_row("other", "--against daemon per REGION_READ"))
+        rep.add(Row("server CPU", "zpcid per REGION_READ vs the --against daemon", "us/msg", us(got["read"], 1),
+                    us(got["other"], 1), "--against daemon"))
 
 
 # ---------------------------------------------------------------- reference-client figures
@@ -547,9 +594,9 @@ SECTIONS = ("message", "pipelined", "mapping", "direct", "dma", "virtio", "isola
 
 
 async def run_async(daemon: Daemon, echo: F.Responder, floors: dict[str, F.Responder], rep: Report,
-                    quick: bool, sections: tuple[str, ...] = SECTIONS) -> None:
+                    quick: bool, sections: tuple[str, ...] = SECTIONS, other: OtherDaemon | None = None) -> None:
     if "message" in sections:
-        await bench_message_path(daemon, echo, floors, rep, quick)
+        await bench_message_path(daemon, echo, floors, rep, quick, other)
     if "pipelined" in sections:
         await bench_pipelined(daemon, rep, quick)
     if "mapping" in sections:
@@ -563,7 +610,7 @@ async def run_async(daemon: Daemon, echo: F.Responder, floors: dict[str, F.Respo
 
 
 def run(quick: bool = False, as_json: bool = False, quiet: bool = False, compare_with: str | None = None,
-        sections: tuple[str, ...] = SECTIONS) -> int:
+        sections: tuple[str, ...] = SECTIONS, against: str | None = None) -> int:
     old = None
     if compare_with:
         with open(compare_with) as f:
@@ -583,7 +630,11 @@ def run(quick: bool = False, as_json: bool = False, quiet: bool = False, compare
         for kind in ("blocking", "trio"):
             floors[kind] = F.Responder(kind, d)
             started.append(floors[kind])
-        trio.run(run_async, daemon, echo, floors, rep, quick, sections)
+        other = None
+        if against:
+            other = OtherDaemon(against, d)
+            started.append(other)
+        trio.run(run_async, daemon, echo, floors, rep, quick, sections, other)
         for s in reversed(started):
             s.close()
         started.clear()
@@ -610,6 +661,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="smaller sizes and fewer batches (a smoke run)")
     p.add_argument("--quiet", action="store_true", help="no progress line")
     p.add_argument("--compare", metavar="OLD.json", help="print the change of each figure against an earlier --json run")
+    p.add_argument("--against", metavar="SRC",
+                   help="also measure the daemon of another source tree (e.g. a checkout of an older "
+                        "commit) in the message-path rounds, interleaved")
     p.add_argument("--only", metavar="SECTION", action="append", choices=SECTIONS,
                    help=f"run only these sections (repeatable): {', '.join(SECTIONS)}")
 
@@ -619,7 +673,7 @@ def main(argv=None) -> int:
     add_arguments(p)
     args = p.parse_args(argv)
     log.configure(fmt="json", level="error")
-    return run(args.quick, args.json, args.quiet, args.compare, tuple(args.only or SECTIONS))
+    return run(args.quick, args.json, args.quiet, args.compare, tuple(args.only or SECTIONS), args.against)
 
 
 if __name__ == "__main__":

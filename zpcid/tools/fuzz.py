@@ -501,8 +501,10 @@ def main(argv: list[str] | None = None) -> int:
     deadline = time.monotonic() + args.minutes * 60 if args.minutes else None
     t0 = time.monotonic()
     try:
+        # With a time limit, small slices so the run ends close to it.
+        slices = dict(slice_messages=4_000, slice_trees=50, slice_virtq=20) if deadline else {}
         stats = trio.run(lambda: campaign(seed=seed, messages=args.messages, trees=args.trees,
-                                          virtq_rounds=args.virtq, deadline=deadline))
+                                          virtq_rounds=args.virtq, deadline=deadline, **slices))
     except FuzzFailure as exc:
         print(json.dumps({"seed": seed, "failure": str(exc)}), file=sys.stderr)
         return 1

@@ -1,0 +1,107 @@
+"""A worker started from a hand-over (its `init` with `restore`), in process: a snapshot
+it understands continues the VMM's session; one it cannot understand is refused with a
+log line, the VMM is told by its socket closing and the function starts clean."""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+
+import attrs
+import structlog
+import trio
+
+from zpcid import snapshot as S
+from zpcid.devices import memory as Mem
+from zpcid.service import config as cfg
+from zpcid.service.channel import Channel
+from zpcid.service.worker import Worker
+from zpcid.vfio_user.memfd import Memfd
+from zpcid.vfio_user.server import FunctionServer, bind_unix
+from zpcid.vmm import client as vclient
+from helpers import prepare_vmm
+
+
+def _function_config(sock_dir: str) -> cfg.FunctionConfig:
+    text = f"""[daemon]
+runtime-dir = "{sock_dir}/run"
+
+[[function]]
+type = "memory"
+fid = 1
+uid = 1
+name = "f1"
+ram-size = 65536
+"""
+    return cfg.parse_text(text, "test.toml").functions[0]
+
+
+async def _serve(fc, listener, nursery) -> tuple[FunctionServer, trio.CancelScope]:
+    """Serve ``fc`` in this process (the worker that hands over)."""
+    fn = fc.create()
+    server = FunctionServer(fn, fc.socket, listener=listener)
+    scope = trio.CancelScope()
+
+    async def run(task_status=trio.TASK_STATUS_IGNORED):
+        with scope:
+            await server.serve(task_status=task_status)
+
+    await nursery.start(run)
+    return server, scope
+
+
+async def _worker_from(fc, listener, doc, fds, nursery) -> Channel:
+    ours, theirs = socket.socketpair()
+    nursery.start_soon(Worker(Channel(theirs)).run)
+    ch = Channel(ours)
+    sent = [os.dup(listener.fileno()), *fds]
+    await ch.send({"id": 1, "op": "init", "args": {"function": attrs.asdict(fc), "socket_mode": 0o600,
+                                                   "restore": doc}}, sent)
+    for fd in sent:  # the worker has its own copies now, as from the supervisor
+        os.close(fd)
+    reply, _ = await ch.recv()
+    assert reply.get("ok"), reply
+    return ch
+
+
+async def test_restore_continues_and_refused_snapshot_closes_the_vmm(sock_dir):
+    fc = _function_config(sock_dir)
+    os.makedirs(os.path.dirname(fc.socket), exist_ok=True)
+    listener = bind_unix(fc.socket)
+    mem = Memfd(1 << 20)
+    try:
+        for refuse in (False, True):
+            async with trio.open_nursery() as nursery:
+                server, scope = await _serve(fc, listener, nursery)
+                async with vclient.connect(fc.socket) as c:
+                    fds = await prepare_vmm(c, mem)
+                    await c.region_write(4, Mem.REG_SCRATCH, struct.pack("<I", 0x77))
+                    assert await server.quiesce()
+                    doc, snap_fds = S.encode(await server.handover())
+                    snap_fds = [os.dup(fd) for fd in snap_fds]  # what the channel carries
+                    await server.abandon()
+                    scope.cancel()
+                    if refuse:  # a function snapshot from a newer zpcid
+                        doc["fields"]["function"]["version"] = 99
+                    with structlog.testing.capture_logs() as logs:
+                        ch = await _worker_from(fc, listener, doc, snap_fds, nursery)
+                    if refuse:
+                        refused = [e for e in logs if e["event"] == "restore_refused"]
+                        assert refused and "version 99" in refused[0]["error"]
+                        with trio.fail_after(5):
+                            await c._eof.wait()  # told at once, never left waiting
+                    else:
+                        assert await c.region_read(4, Mem.REG_SCRATCH, 4) == struct.pack("<I", 0x77)
+                        await c.region_write(4, Mem.REG_DOORBELL, struct.pack("<I", 2))
+                        assert await vclient.wait_eventfd(fds[2]) == 1
+                    for fd in fds:
+                        os.close(fd)
+                if refuse:  # the function starts clean and takes the next VMM
+                    async with vclient.connect(fc.socket) as c2:
+                        assert await c2.region_read(4, Mem.REG_SCRATCH, 4) == bytes(4)
+                ch.close()
+                nursery.cancel_scope.cancel()
+    finally:
+        listener.close()
+        mem.close()
