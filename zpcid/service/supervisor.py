@@ -113,6 +113,13 @@ class Zygote:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             task_status.started()
+            # Started now rather than at the first spawn: its imports overlap the supervisor's
+            # own start-up (binding sockets, restoring a hand-over) instead of following it.
+            try:
+                async with self._lock:
+                    await self._ensure()
+            except OSError as exc:  # the first spawn tries again and reports it
+                self.log.error("zygote_start_failed", error=str(exc))
             await trio.sleep_forever()
 
     async def _ensure(self) -> _Rpc:
