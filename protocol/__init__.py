@@ -4,15 +4,16 @@ Pure data and codecs: no sockets, no trio, no imports from ``zpcid``.
 """
 
 from protocol.errors import ProtocolError
-from protocol.header import (
+from protocol.vfio_user.header import (
     HEADER,
     HEADER_SIZE,
     Command,
     Header,
     Flags,
 )
-from protocol.framing import Framer, Message
-from protocol import consts, messages
+from protocol.vfio_user.framing import Framer, Message
+from protocol.vfio_user import consts
+from protocol.vfio_user import messages
 
 __all__ = [
     "HEADER",

@@ -1,10 +1,6 @@
-import functools
 import os
-import inspect
 
 import pytest
-import trio
-
 from hypothesis import settings
 
 from zpcid import log
@@ -16,16 +12,6 @@ log.configure(fmt="json", level="warning")
 settings.register_profile("ci", derandomize=True, print_blob=True)
 if os.environ.get("CI"):
     settings.load_profile("ci")
-
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_pyfunc_call(pyfuncitem):
-    """Run ``async def`` tests under trio (no plugin needed)."""
-    if inspect.iscoroutinefunction(pyfuncitem.obj):
-        args = {a: pyfuncitem.funcargs[a] for a in pyfuncitem._fixtureinfo.argnames}
-        trio.run(functools.partial(pyfuncitem.obj, **args))
-        return True
-    return None
 
 
 @pytest.fixture

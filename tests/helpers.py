@@ -5,7 +5,7 @@ import os
 
 import trio
 
-from zpcid.server import FunctionServer
+from zpcid.vfio_user.server import FunctionServer
 
 
 @contextlib.asynccontextmanager

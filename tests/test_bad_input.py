@@ -8,14 +8,15 @@ import struct
 import pytest
 from hypothesis import given, settings, strategies as st
 import trio
+import trio.testing
 
 from helpers import mapping_count, open_fds
 from vfio_raw import QEMU_VERSION_PAYLOAD, message, memory_server, raw_connect, settle
 
-from protocol import consts as C
-from protocol.header import HEADER, HEADER_SIZE, Command, Flags
+from protocol.vfio_user import consts as C
+from protocol.vfio_user.header import HEADER, HEADER_SIZE, Command, Flags
 from zpcid.devices.memory import MAGIC, REG_MAGIC
-from zpcid.memfd import Memfd
+from zpcid.vfio_user.memfd import Memfd
 
 BAR0, BAR4, CONFIG = 0, 4, C.VFIO_PCI_CONFIG_REGION_INDEX
 EVENTFD_TRIGGER = C.VFIO_IRQ_SET_DATA_EVENTFD | C.VFIO_IRQ_SET_ACTION_TRIGGER
@@ -196,9 +197,8 @@ async def test_fds_arriving_without_a_message_start_drop_the_client(sock_dir):
             await peer.send(whole[:20])
             # Only once the daemon has read these bytes on their own do the fds below
             # arrive without a message start (else Linux would deliver both together).
-            with trio.fail_after(5):
-                while server.endpoint.framer.buffered != 20:
-                    await trio.sleep(0.001)
+            await trio.testing.wait_all_tasks_blocked()  # the daemon read them and waits for more
+            assert server.endpoint.framer.buffered == 20
             r, w = os.pipe()
             await peer.send(whole[20:], [r])
             os.close(r)
@@ -259,9 +259,8 @@ async def test_fatal_header_behind_a_message_with_fds_leaks_nothing(sock_dir):
         async with raw_connect(server.path) as peer:
             whole = message(2, Command.DEVICE_GET_INFO, struct.pack("<IIII", 16, 0, 0, 0))
             await peer.send(whole[:8], [r])
-            with trio.fail_after(5):
-                while server.endpoint.framer.buffered != 8:
-                    await trio.sleep(0.001)
+            await trio.testing.wait_all_tasks_blocked()  # the daemon read them and waits for more
+            assert server.endpoint.framer.buffered == 8
             # The message completes, but a header with an impossible size follows it.
             await peer.send(whole[8:] + HEADER.pack(3, Command.DEVICE_RESET, 3, 0, 0))
             await peer.expect_eof()
@@ -271,12 +270,12 @@ async def test_fatal_header_behind_a_message_with_fds_leaks_nothing(sock_dir):
         assert open_fds() == before
 
 
-async def test_client_vanishing_during_message_dma_fails_the_dma_at_once(sock_dir, monkeypatch):
-    import zpcid.endpoint
+async def test_client_vanishing_during_message_dma_fails_the_dma_at_once(sock_dir, autojump_clock):
+    import zpcid.vfio_user.endpoint
     from zpcid.devices.memory import DMA_CMD_TO_HOST, REG_DMA_ADDR, REG_DMA_CMD, REG_DMA_LEN
 
-    # Without a reply timeout to fall back on, only noticing the EOF can end the DMA.
-    monkeypatch.setattr(zpcid.endpoint, "DMA_REPLY_TIMEOUT", 3600)
+    # On the mock clock the reply timeout would pass at once in real time; the
+    # virtual time shows the DMA ended by the EOF, well before that timeout.
     async with memory_server(sock_dir) as (fn, server):
         before = open_fds()
         async with raw_connect(server.path) as peer:
@@ -293,16 +292,18 @@ async def test_client_vanishing_during_message_dma_fails_the_dma_at_once(sock_di
             assert (Command.REGION_WRITE, True) in got
             assert struct.unpack_from("<QQ", request.payload) == (0x10000, 64)
             # ...and we leave without answering it.
+            t0 = trio.current_time()
         await settle(server)
+        assert trio.current_time() - t0 < zpcid.vfio_user.endpoint.DMA_REPLY_TIMEOUT / 2
         assert len(fn.dma) == 0 and open_fds() == before
         await still_serves(server)
 
 
 async def test_a_client_that_never_reads_is_dropped(sock_dir, monkeypatch):
     """Replies back up, commands pile up behind them; past the budget the client goes."""
-    import zpcid.endpoint
+    import zpcid.vfio_user.endpoint
 
-    monkeypatch.setattr(zpcid.endpoint, "MAX_QUEUED_BYTES", 16 << 10)
+    monkeypatch.setattr(zpcid.vfio_user.endpoint, "MAX_QUEUED_BYTES", 16 << 10)
     async with memory_server(sock_dir) as (fn, server):
         before = open_fds()
         async with raw_connect(server.path) as peer:

@@ -8,16 +8,16 @@ import pytest
 import trio
 from hypothesis import given, settings, strategies as st
 
-import zpcid.client
+import zpcid.vmm.client
 from vfio_raw import find_capability, memory_server
 
-from protocol import consts as C
-from zpcid.client import read_eventfd
+from protocol.vfio_user import consts as C
+from zpcid.vmm.client import read_eventfd
 from zpcid.devices.memory import (DMA_CMD_FROM_HOST, DMA_CMD_TO_HOST, REG_DMA_ADDR, REG_DMA_CMD,
                                   REG_DMA_LEN, REG_DMA_STATUS, REG_DOORBELL, REG_RINGS,
                                   DMA_STATUS_BUSY)
-from zpcid.memfd import Memfd
-from zpcid.pci import PCI_CAP_ID_EXP, PCI_CAP_ID_MSIX, PCI_MSIX_FLAGS_ENABLE, PCI_MSIX_FLAGS_MASKALL
+from zpcid.vfio_user.memfd import Memfd
+from zpcid.pci.config import PCI_CAP_ID_EXP, PCI_CAP_ID_MSIX, PCI_MSIX_FLAGS_ENABLE, PCI_MSIX_FLAGS_MASKALL
 
 MSIX = C.VFIO_PCI_MSIX_IRQ_INDEX
 BAR0, BAR2, BAR4, CONFIG = 0, 2, 4, 7
@@ -47,7 +47,7 @@ async def msix_setup(c):
 
 async def test_negotiated_capabilities(sock_dir):
     async with memory_server(sock_dir) as (fn, server):
-        async with zpcid.client.connect(server.path) as c:
+        async with zpcid.vmm.client.connect(server.path) as c:
             assert c.server_version == (0, 0)
             caps = c.server_caps
             assert caps.max_msg_fds >= 1 and caps.max_data_xfer_size == 1 << 20
@@ -65,7 +65,7 @@ def test_mmap_and_messages_see_the_same_region(writes):
         d = tempfile.mkdtemp(prefix="zpcid-t")
         try:
             async with memory_server(d) as (fn, server):
-                async with zpcid.client.connect(server.path) as c:
+                async with zpcid.vmm.client.connect(server.path) as c:
                     rm = await c.region_info(BAR0)
                     assert rm.mm is not None and rm.covers(0, fn.ram.size)
                     for i, (off, data) in enumerate(writes):
@@ -84,7 +84,7 @@ def test_mmap_and_messages_see_the_same_region(writes):
 
 async def test_posted_writes_are_applied_in_order(sock_dir):
     async with memory_server(sock_dir) as (fn, server):
-        async with zpcid.client.connect(server.path) as c:
+        async with zpcid.vmm.client.connect(server.path) as c:
             for i in range(50):
                 await c.region_write(BAR0, 0, struct.pack("<I", i), via_mmap=False, posted=True)
             assert await c.region_read(BAR0, 0, 4, via_mmap=False) == struct.pack("<I", 49)
@@ -92,7 +92,7 @@ async def test_posted_writes_are_applied_in_order(sock_dir):
 
 async def test_message_mode_dma_goes_through_the_client(sock_dir):
     async with memory_server(sock_dir) as (fn, server):
-        async with zpcid.client.connect(server.path) as c:
+        async with zpcid.vmm.client.connect(server.path) as c:
             guest = bytearray(64 << 10)
             await c.dma_map(0x4000_0000, len(guest), buf=guest)
             pattern = bytes(range(256)) * 64  # 16 KiB
@@ -107,10 +107,10 @@ async def test_message_mode_dma_goes_through_the_client(sock_dir):
 
 async def test_message_mode_dma_larger_than_the_client_transfer_limit(sock_dir):
     async with memory_server(sock_dir) as (fn, server):
-        caps = zpcid.client.CLIENT_CAPS
+        caps = zpcid.vmm.client.CLIENT_CAPS
         import attrs
         small = attrs.evolve(caps, max_data_xfer_size=4096)
-        async with zpcid.client.connect(server.path, caps=small) as c:
+        async with zpcid.vmm.client.connect(server.path, caps=small) as c:
             guest = bytearray(64 << 10)
             await c.dma_map(0, len(guest), buf=guest)
             data = os.urandom(20000)
@@ -123,7 +123,7 @@ async def test_message_mode_dma_larger_than_the_client_transfer_limit(sock_dir):
 async def test_fd_backed_dma_needs_no_messages(sock_dir):
     async with memory_server(sock_dir) as (fn, server):
         with Memfd(1 << 20, "zpcid-test-guest") as guest:
-            async with zpcid.client.connect(server.path) as c:
+            async with zpcid.vmm.client.connect(server.path) as c:
                 await c.dma_map(0x1_0000_0000, 1 << 20, guest.fd, 0)
                 guest.write(0x2000, b"page of guest memory")
                 assert await run_dma(c, 0x1_0000_2000, 20, DMA_CMD_FROM_HOST) == 0
@@ -137,7 +137,7 @@ async def test_fd_backed_dma_needs_no_messages(sock_dir):
 async def test_dma_faults_set_status_and_the_session_continues(sock_dir):
     async with memory_server(sock_dir) as (fn, server):
         with Memfd(1 << 16, "zpcid-test-guest") as guest:
-            async with zpcid.client.connect(server.path) as c:
+            async with zpcid.vmm.client.connect(server.path) as c:
                 await c.dma_map(0x10000, 1 << 16, guest.fd, 0, write=False)
                 # Nothing mapped there.
                 assert await run_dma(c, 0x90000, 16, DMA_CMD_TO_HOST) == 1
@@ -157,7 +157,7 @@ async def test_dma_faults_set_status_and_the_session_continues(sock_dir):
 
 async def test_msix_delivery_masking_and_pba(sock_dir):
     async with memory_server(sock_dir, msix_vectors=4) as (fn, server):
-        async with zpcid.client.connect(server.path) as c:
+        async with zpcid.vmm.client.connect(server.path) as c:
             cap, (table_bir, _), (pba_bir, pba_off) = await msix_setup(c)
             assert table_bir == pba_bir == BAR2
             irq = await c.irq_info(MSIX)
@@ -209,7 +209,7 @@ async def test_msix_delivery_masking_and_pba(sock_dir):
 
 async def test_vector_without_eventfd_stays_pending_until_one_is_installed(sock_dir):
     async with memory_server(sock_dir) as (fn, server):
-        async with zpcid.client.connect(server.path) as c:
+        async with zpcid.vmm.client.connect(server.path) as c:
             cap, _, (_, pba_off) = await msix_setup(c)
             # QEMU's dynamic allocation: enable the index with no vectors, then add one.
             await c.set_irqs(MSIX, 0, 1, C.VFIO_IRQ_SET_DATA_EVENTFD | C.VFIO_IRQ_SET_ACTION_TRIGGER)
@@ -227,7 +227,7 @@ async def test_vector_without_eventfd_stays_pending_until_one_is_installed(sock_
 
 async def test_msix_table_writes_mask_per_vector(sock_dir):
     async with memory_server(sock_dir) as (fn, server):
-        async with zpcid.client.connect(server.path) as c:
+        async with zpcid.vmm.client.connect(server.path) as c:
             cap, (_, table_off), (_, pba_off) = await msix_setup(c)
             efds = await c.enable_irq_eventfds(MSIX, 4)
             try:
@@ -252,7 +252,7 @@ async def test_msix_table_writes_mask_per_vector(sock_dir):
 
 async def test_pcie_capability_is_listed(sock_dir):
     async with memory_server(sock_dir) as (fn, server):
-        async with zpcid.client.connect(server.path) as c:
+        async with zpcid.vmm.client.connect(server.path) as c:
             cfg = await c.region_read(CONFIG, 0, 4096)
             exp = find_capability(cfg, PCI_CAP_ID_EXP)
             assert exp and cfg[exp + 2] & 0xF == 2  # capability version 2
@@ -260,11 +260,11 @@ async def test_pcie_capability_is_listed(sock_dir):
 
 async def test_error_replies_raise(sock_dir):
     async with memory_server(sock_dir) as (fn, server):
-        async with zpcid.client.connect(server.path) as c:
-            with pytest.raises(zpcid.client.VfioUserError) as ei:
+        async with zpcid.vmm.client.connect(server.path) as c:
+            with pytest.raises(zpcid.vmm.client.VfioUserError) as ei:
                 await c.region_read(BAR4, 0x1000, 4, via_mmap=False)
             assert ei.value.errno == errno.EINVAL
-            with pytest.raises(zpcid.client.VfioUserError):
+            with pytest.raises(zpcid.vmm.client.VfioUserError):
                 await c.irq_info(7)
             await c.get_info()
 
@@ -272,13 +272,13 @@ async def test_error_replies_raise(sock_dir):
 async def test_pipelined_dma_maps_with_the_reference_client(sock_dir):
     async with memory_server(sock_dir) as (fn, server):
         with Memfd(32 << 20, "zpcid-test-guest") as guest:
-            async with zpcid.client.connect(server.path) as c:
+            async with zpcid.vmm.client.connect(server.path) as c:
                 pending = [await c.dma_map_nowait(i << 20, 1 << 20, guest.fd, i << 20)
                            for i in range(32)]
                 bad = await c.dma_map_nowait(0x800, 0x1000, guest.fd, 0)  # overlaps map 0
                 for p in pending:
                     await c.wait_reply(p)
-                with pytest.raises(zpcid.client.VfioUserError) as ei:
+                with pytest.raises(zpcid.vmm.client.VfioUserError) as ei:
                     await c.wait_reply(bad)
                 assert ei.value.errno == errno.EEXIST
                 assert len(fn.dma) == 32 and fn.dma.file_count == 1
@@ -288,9 +288,9 @@ async def test_message_mode_dma_when_the_client_accepts_more_than_the_server(soc
     """A client advertising 4 MiB transfers: DMA_WRITEs may be that big, DMA_READ replies not."""
     import attrs
 
-    big = attrs.evolve(zpcid.client.CLIENT_CAPS, max_data_xfer_size=4 << 20)
+    big = attrs.evolve(zpcid.vmm.client.CLIENT_CAPS, max_data_xfer_size=4 << 20)
     async with memory_server(sock_dir, ram_size=4 << 20) as (fn, server):
-        async with zpcid.client.connect(server.path, caps=big) as c:
+        async with zpcid.vmm.client.connect(server.path, caps=big) as c:
             guest = bytearray(4 << 20)
             await c.dma_map(0, len(guest), buf=guest)
             data = os.urandom(3 << 20)

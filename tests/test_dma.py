@@ -2,6 +2,7 @@
 
 import bisect
 import errno
+import fcntl
 import os
 import random
 
@@ -9,8 +10,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from helpers import mapping_count
-from zpcid.dma import PAGE, DmaError, DmaFault, DmaSpace
-from zpcid.memfd import Memfd
+from zpcid.vfio_user.dma import PAGE, DmaError, DmaFault, DmaSpace
+from zpcid.vfio_user.memfd import Memfd
 
 GUEST = "zpcid-test-dma"
 
@@ -128,7 +129,8 @@ async def test_same_file_is_mapped_once_and_unmapped_with_the_last_map():
 
 
 def test_file_growing_gets_a_new_mapping_and_the_old_one_is_released():
-    with Memfd(1 << 16, GUEST) as guest:
+    # Sealed against shrinking only, so it may grow (and be mapped).
+    with Memfd(1 << 16, GUEST, seal=fcntl.F_SEAL_SHRINK) as guest:
         base = mapping_count(GUEST)
         space = DmaSpace()
         space.add(0, 1 << 16, True, True, guest.fd, 0)

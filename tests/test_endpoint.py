@@ -9,8 +9,8 @@ import struct
 from helpers import open_fds
 from vfio_raw import (QEMU_VERSION_PAYLOAD, message, memory_server, raw_connect, settle)
 
-from protocol import consts as C
-from protocol.header import HEADER_SIZE, Command, Flags
+from protocol.vfio_user import consts as C
+from protocol.vfio_user.header import HEADER_SIZE, Command, Flags
 from zpcid.devices.memory import MAGIC, REG_MAGIC, REG_SCRATCH
 
 BAR0, BAR2, BAR4, CONFIG = 0, 2, 4, C.VFIO_PCI_CONFIG_REGION_INDEX
@@ -256,9 +256,9 @@ async def test_region_read_reply_carries_the_access_struct(sock_dir):
 async def test_qemu_style_set_irqs_and_doorbell(sock_dir):
     """SET_IRQS with argsz 20 and the eventfds out of band, MSI-X enabled via the capability list."""
     from vfio_raw import find_capability
-    from zpcid.client import read_eventfd
+    from zpcid.vmm.client import read_eventfd
     from zpcid.devices.memory import REG_DOORBELL
-    from zpcid.pci import PCI_CAP_ID_MSIX, PCI_MSIX_FLAGS_ENABLE
+    from zpcid.pci.config import PCI_CAP_ID_MSIX, PCI_MSIX_FLAGS_ENABLE
 
     async with memory_server(sock_dir) as (fn, server):
         async with raw_connect(server.path) as peer:
@@ -283,10 +283,10 @@ async def test_qemu_style_set_irqs_and_doorbell(sock_dir):
 
 async def test_client_without_fd_capacity_gets_no_mmappable_regions(sock_dir):
     """A VERSION with max_msg_fds 0: regions are offered through messages only."""
-    from protocol import messages as M
+    from protocol.vfio_user import messages as M
     from zpcid.devices.memory import MemoryFunction
     from helpers import serving
-    import zpcid.client as zc
+    import zpcid.vmm.client as zc
 
     fn = MemoryFunction("nofd")
     caps = M.Capabilities(max_msg_fds=0)

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from protocol.errors import ProtocolError
-from protocol.framing import DEFAULT_MAX_MSG_SIZE, Framer, Message
-from protocol.header import HEADER_SIZE, Header
+from protocol.vfio_user.framing import DEFAULT_MAX_MSG_SIZE, Framer, Message
+from protocol.vfio_user.header import HEADER_SIZE, Header
 
 SETTINGS = settings(max_examples=150, deadline=None)
 

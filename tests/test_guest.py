@@ -4,9 +4,9 @@ import struct
 
 import pytest
 
-from protocol import zpci_tables as T
-from zpcid.guest import GuestTables, dma_space
-from zpcid.memfd import Memfd
+from protocol.zpci import tables as T
+from zpcid.vmm.guest import GuestTables, dma_space
+from zpcid.vfio_user.memfd import Memfd
 
 MiB = 1 << 20
 TABLES = 8 * MiB
@@ -137,7 +137,7 @@ def test_iota_helpers():
 
 def test_following_a_garbage_origin_is_a_clean_error():
     """A planted entry whose origin lies far outside guest memory (top bit set)."""
-    from zpcid.memfd import Memfd
+    from zpcid.vfio_user.memfd import Memfd
 
     with Memfd(4 << 20) as mem:
         gt = GuestTables(mem, 1 << 20, 1 << 20)

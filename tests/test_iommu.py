@@ -1,7 +1,7 @@
 """RPCIT table walk, shadow IOTLB and direct map over real memfd guest memory.
 
 Guest memory is a Memfd DMA-mapped at guest absolute address 0 in a DmaSpace
-(the zpcid-translates path); tables are written into it by zpcid.guest the
+(the zpcid-translates path); tables are written into it by zpcid.vmm.guest the
 way Linux's s390 IOMMU driver writes them.
 """
 
@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from protocol import zpci_tables as T
-from zpcid.dma import DmaFault, DmaSpace
-from zpcid.guest import GuestTables, dma_space
-from zpcid.iommu import DirectMap, ShadowIotlb, TranslationError, rpcit
-from zpcid.memfd import Memfd
+from protocol.zpci import tables as T
+from zpcid.vfio_user.dma import DmaFault, DmaSpace
+from zpcid.vmm.guest import GuestTables, dma_space
+from zpcid.zpci.iommu import DirectMap, ShadowIotlb, TranslationError, rpcit
+from zpcid.vfio_user.memfd import Memfd
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -722,7 +722,7 @@ def test_linux_like_sequences_keep_the_shadow_exact(ops, limit):
 
 
 # ------------------------------------------------------------------ small-range walk == vectorised walk
-# RPCITs over a few pages take a scalar walk (zpcid.iommu.SMALL_WALK_PAGES);
+# RPCITs over a few pages take a scalar walk (zpcid.zpci.iommu.SMALL_WALK_PAGES);
 # the same inputs through both walks must give identical results and shadows.
 
 SCALAR, VECTOR = 1 << 20, 0  # small_walk_pages forcing one walk or the other

@@ -6,12 +6,12 @@ import struct
 
 import pytest
 
-from protocol import consts as C
-from protocol.messages import IrqSet
-from zpcid.client import read_eventfd
-from zpcid.irq import IrqError, IrqTable
-from zpcid.msix import Msix
-from zpcid.pci import PCI_CAP_ID_MSIX, PCI_MSIX_FLAGS_ENABLE, PCI_MSIX_FLAGS_MASKALL, ConfigSpace
+from protocol.vfio_user import consts as C
+from protocol.vfio_user.messages import IrqSet
+from zpcid.vmm.client import read_eventfd
+from zpcid.vfio_user.irq import IrqError, IrqTable
+from zpcid.pci.msix import Msix
+from zpcid.pci.config import PCI_CAP_ID_MSIX, PCI_MSIX_FLAGS_ENABLE, PCI_MSIX_FLAGS_MASKALL, ConfigSpace
 
 MSIX = C.VFIO_PCI_MSIX_IRQ_INDEX
 EVENTFD_TRIGGER = C.VFIO_IRQ_SET_DATA_EVENTFD | C.VFIO_IRQ_SET_ACTION_TRIGGER

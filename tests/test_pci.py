@@ -7,10 +7,10 @@ from hypothesis import given, settings, strategies as st
 
 from vfio_raw import find_capability
 from zpcid.devices.memory import MemoryFunction
-from zpcid.pci import (CONFIG_SIZE, PCI_BASE_ADDRESS_0, PCI_CAP_ID_EXP, PCI_CAP_ID_MSIX,
+from zpcid.pci.config import (CONFIG_SIZE, PCI_BASE_ADDRESS_0, PCI_CAP_ID_EXP, PCI_CAP_ID_MSIX,
                        PCI_CAPABILITY_LIST, PCI_COMMAND, PCI_ROM_ADDRESS, PCI_STATUS,
                        PCI_STATUS_CAP_LIST, Bar, ConfigSpace)
-from zpcid.regions import MemfdRegion, RegionError, WindowedRegion
+from zpcid.vfio_user.regions import MemfdRegion, RegionError, WindowedRegion
 
 
 def u32(cfg, off):

@@ -7,10 +7,10 @@ import struct
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from protocol import consts as C
-from protocol import messages as M
+from protocol.vfio_user import consts as C
+from protocol.vfio_user import messages as M
 from protocol.errors import ProtocolError
-from protocol.header import HEADER_SIZE, Flags, Header, error_reply, pack_header, validate_flags
+from protocol.vfio_user.header import HEADER_SIZE, Flags, Header, error_reply, pack_header, validate_flags
 
 U16 = st.integers(0, 0xFFFF)
 U32 = st.integers(0, 0xFFFFFFFF)

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from protocol.errors import ProtocolError
-from protocol import zpci as z
+from protocol.zpci import formats as z
 
 
 def u(bits):

@@ -8,17 +8,17 @@ import struct
 import pytest
 import trio
 
-import zpcid.client
+import zpcid.vmm.client
 from helpers import mapping_count, open_fds
 from vfio_raw import find_capability, message, memory_server, raw_connect, settle
 
-from protocol import consts as C
-from protocol.header import Command
-from zpcid.client import read_eventfd, wait_eventfd
+from protocol.vfio_user import consts as C
+from protocol.vfio_user.header import Command
+from zpcid.vmm.client import read_eventfd, wait_eventfd
 from zpcid.devices.memory import REG_DOORBELL, REG_SCRATCH
-from zpcid.memfd import Memfd
-from zpcid.pci import PCI_CAP_ID_MSIX, PCI_MSIX_FLAGS_ENABLE
-from zpcid.server import SocketInUse, bind_unix
+from zpcid.vfio_user.memfd import Memfd
+from zpcid.pci.config import PCI_CAP_ID_MSIX, PCI_MSIX_FLAGS_ENABLE
+from zpcid.vfio_user.server import SocketInUse, bind_unix
 
 GUEST = "zpcid-test-guest"
 MSIX = C.VFIO_PCI_MSIX_IRQ_INDEX
@@ -26,7 +26,7 @@ MSIX = C.VFIO_PCI_MSIX_IRQ_INDEX
 
 async def test_second_client_is_refused_while_the_first_keeps_working(sock_dir):
     async with memory_server(sock_dir) as (fn, server):
-        async with zpcid.client.connect(server.path) as first:
+        async with zpcid.vmm.client.connect(server.path) as first:
             await first.region_write(4, REG_SCRATCH, b"\x01\x00\x00\x00")
             async with raw_connect(server.path, negotiate=False) as second:
                 await second.send(message(0x77, Command.VERSION, struct.pack("<HH", 0, 0) + b"{}\0"))
@@ -41,7 +41,7 @@ async def test_second_client_is_refused_while_the_first_keeps_working(sock_dir):
 
 async def test_refused_client_that_sends_nothing_is_hung_up_on(sock_dir):
     async with memory_server(sock_dir) as (fn, server):
-        async with zpcid.client.connect(server.path) as first:
+        async with zpcid.vmm.client.connect(server.path) as first:
             sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             await sock.connect(server.path)
             sock.shutdown(socket.SHUT_WR)
@@ -89,17 +89,17 @@ async def test_pipelined_dma_map_burst(sock_dir):
 async def test_dma_unmap_semantics(sock_dir):
     async with memory_server(sock_dir) as (fn, server):
         with Memfd(1 << 20, GUEST) as guest:
-            async with zpcid.client.connect(server.path) as c:
+            async with zpcid.vmm.client.connect(server.path) as c:
                 # Nothing mapped: a huge window succeeds.
                 await c.dma_unmap(0, 1 << 63)
                 await c.dma_map(0x100000, 0x10000, guest.fd, 0)
-                with pytest.raises(zpcid.client.VfioUserError) as ei:
+                with pytest.raises(zpcid.vmm.client.VfioUserError) as ei:
                     await c.dma_unmap(0x100000, 0x1000)  # would split
                 assert ei.value.errno == errno.EINVAL
-                with pytest.raises(zpcid.client.VfioUserError) as ei:
+                with pytest.raises(zpcid.vmm.client.VfioUserError) as ei:
                     await c.dma_map(0x108000, 0x10000, guest.fd, 0)
                 assert ei.value.errno == errno.EEXIST
-                with pytest.raises(zpcid.client.VfioUserError) as ei:
+                with pytest.raises(zpcid.vmm.client.VfioUserError) as ei:
                     await c.dma_map(0xF8000, 0x10000)
                 assert ei.value.errno == errno.EEXIST
                 # An exact repeat of a live mapping is accepted (libvfio-user does the same).
@@ -114,7 +114,7 @@ async def test_next_client_sees_a_reset_function_and_nothing_leaks(sock_dir):
         fds_before = open_fds()
         with Memfd(4 << 20, GUEST) as guest:
             maps_before = mapping_count(GUEST)
-            async with zpcid.client.connect(server.path) as c:
+            async with zpcid.vmm.client.connect(server.path) as c:
                 for i in range(4):
                     await c.dma_map(i << 20, 1 << 20, guest.fd, i << 20)
                 await c.dma_map(8 << 20, 1 << 20)  # message mode
@@ -133,7 +133,7 @@ async def test_next_client_sees_a_reset_function_and_nothing_leaks(sock_dir):
         # The server closed its copies of the eventfds and the memfd, and unmapped it.
         assert open_fds() == fds_before
         assert fn.irqs.installed() == 0 and len(fn.dma) == 0 and fn.dma.file_count == 0
-        async with zpcid.client.connect(server.path) as c:
+        async with zpcid.vmm.client.connect(server.path) as c:
             cfg = await c.region_read(7, 0, 256)
             cap = find_capability(cfg, PCI_CAP_ID_MSIX)
             assert struct.unpack_from("<H", cfg, cap + 2)[0] & PCI_MSIX_FLAGS_ENABLE == 0
@@ -150,14 +150,14 @@ async def test_session_crash_of_one_client_does_not_stop_the_socket(sock_dir):
                 assert (await peer.recv()).is_error
                 await peer.expect_eof()
             await settle(server)
-        async with zpcid.client.connect(server.path) as c:
+        async with zpcid.vmm.client.connect(server.path) as c:
             await c.reset()
 
 
 async def test_request_release_signals_req_then_forces(sock_dir):
     async with memory_server(sock_dir) as (fn, server):
         assert await server.request_release(0.01) is True  # nobody attached
-        async with zpcid.client.connect(server.path) as c:
+        async with zpcid.vmm.client.connect(server.path) as c:
             (req,) = await c.enable_irq_eventfds(C.VFIO_PCI_REQ_IRQ_INDEX, 1)
             try:
                 left = await server.request_release(0.2)
@@ -168,7 +168,7 @@ async def test_request_release_signals_req_then_forces(sock_dir):
             finally:
                 os.close(req)
         await settle(server)
-        async with zpcid.client.connect(server.path) as c:
+        async with zpcid.vmm.client.connect(server.path) as c:
             await c.get_info()
 
 
@@ -176,7 +176,7 @@ async def test_request_release_client_cooperates(sock_dir):
     async with memory_server(sock_dir) as (fn, server):
         async with trio.open_nursery() as nursery:
             async def vmm(task_status=trio.TASK_STATUS_IGNORED):
-                async with zpcid.client.connect(server.path) as c:
+                async with zpcid.vmm.client.connect(server.path) as c:
                     (req,) = await c.enable_irq_eventfds(C.VFIO_PCI_REQ_IRQ_INDEX, 1)
                     task_status.started()
                     await wait_eventfd(req)
@@ -188,7 +188,7 @@ async def test_request_release_client_cooperates(sock_dir):
 
 async def test_msix_doorbell_end_to_end(sock_dir):
     async with memory_server(sock_dir) as (fn, server):
-        async with zpcid.client.connect(server.path) as c:
+        async with zpcid.vmm.client.connect(server.path) as c:
             efds = await c.enable_irq_eventfds(MSIX, 4)
             try:
                 cfg = await c.region_read(7, 0, 256)

@@ -1,6 +1,6 @@
 """A byte-level vfio-user peer for tests: exact bytes out, SCM_RIGHTS fds, raw replies in.
 
-Unlike ``zpcid.client`` it does no validation and no demultiplexing, so tests
+Unlike ``zpcid.vmm.client`` it does no validation and no demultiplexing, so tests
 can send what a broken or hostile VMM would send and see exactly what comes back.
 """
 
@@ -17,7 +17,7 @@ from typing import AsyncIterator, Sequence
 import attrs
 import trio
 
-from protocol.header import HEADER, HEADER_SIZE, Command, Flags
+from protocol.vfio_user.header import HEADER, HEADER_SIZE, Command, Flags
 
 TIMEOUT = 5.0
 
@@ -150,8 +150,7 @@ async def raw_connect(path: str, *, negotiate: bool = True) -> AsyncIterator[Raw
 async def settle(server, timeout: float = TIMEOUT) -> None:
     """Wait until the server has finished detaching its client."""
     with trio.fail_after(timeout):
-        while server.attached:
-            await trio.sleep(0.005)
+        await server.wait_detached()
 
 
 @contextlib.asynccontextmanager

@@ -1,4 +1,4 @@
-"""The test-side guest: zpcid.virtio.driver (a Linux-like virtio-pci/virtio-blk driver
+"""The test-side guest: zpcid.vmm.virtio_driver (a Linux-like virtio-pci/virtio-blk driver
 over the reference client) plus helpers for writing broken rings by hand."""
 
 from __future__ import annotations
@@ -9,23 +9,23 @@ import struct
 import trio
 
 from helpers import serving
-from zpcid import client as zclient
-from zpcid.virtio import pci as vp
-from zpcid.virtio.driver import (S_IOERR, S_OK, S_UNSUPP, T_DISCARD, T_FLUSH, T_GET_ID, T_IN,  # noqa: F401
+from zpcid.vmm import client as zclient
+from zpcid.devices.virtio import pci as vp
+from zpcid.vmm.virtio_driver import (S_IOERR, S_OK, S_UNSUPP, T_DISCARD, T_FLUSH, T_GET_ID, T_IN,  # noqa: F401
                                  T_OUT, T_WRITE_ZEROES, DriverError, DriverQueue, GuestMemory,
                                  VirtioBlkDriver, open_blk)
-from zpcid.virtio.queue import VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE  # noqa: F401
+from zpcid.devices.virtio.queue import VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE  # noqa: F401
 
 GUEST_MEM = 16 << 20
 WAIT = 5.0  # guard against a hung device; never a performance assertion
 
 
 @contextlib.asynccontextmanager
-async def blk_guest(function, sock_dir: str, *, shared: bool = True, **init):
+async def blk_guest(function, sock_dir: str, *, shared: bool = True, seal: int | None = None, **init):
     """Serve ``function``, attach the reference client, bring the driver up."""
     async with serving(function, sock_dir) as server:
         async with zclient.connect(server.path) as client:
-            mem = GuestMemory(GUEST_MEM, shared=shared)
+            mem = GuestMemory(GUEST_MEM, shared=shared, **({} if seal is None else {"seal": seal}))
             try:
                 async with open_blk(client, mem, **init) as drv:
                     yield drv

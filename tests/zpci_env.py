@@ -4,14 +4,14 @@ import contextlib
 
 import attrs
 
-from protocol import zpci as Z
-from zpcid import client as vclient
-from zpcid import zpci as Zr
-from zpcid.guest import GuestTables
-from zpcid.memfd import Memfd
-from zpcid.properties import ZpciProperties
-from zpcid.vmm import attach
-from zpcid.zpci_client import ZpciMailbox
+from protocol.zpci import formats as Z
+from zpcid.vmm import client as vclient
+from zpcid.zpci import core as Zr
+from zpcid.vmm.guest import GuestTables
+from zpcid.vfio_user.memfd import Memfd
+from zpcid.zpci.properties import ZpciProperties
+from zpcid.vmm.model import attach
+from zpcid.vmm.zpci_client import ZpciMailbox
 from helpers import serving
 
 GUEST_MEM = 64 << 20

@@ -9,8 +9,18 @@ _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARN
            "error": logging.ERROR, "critical": logging.CRITICAL}
 
 
+_settings = ("auto", "info")
+
+
+def settings() -> tuple[str, str]:
+    """(format, level) as last configured: what a child process should configure too."""
+    return _settings
+
+
 def configure(fmt: str = "auto", level: str = "info", stream=None) -> None:
     """Configure structlog once for the process; ``fmt`` is auto, console or json."""
+    global _settings
+    _settings = (fmt, level)
     stream = stream or sys.stderr
     if fmt == "auto":
         fmt = "console" if stream.isatty() else "json"

@@ -17,9 +17,9 @@ import structlog
 import trio
 
 import qemu as qh
-from zpcid import client as zclient
+from zpcid.vmm import client as zclient
 from zpcid import devices, log
-from zpcid.server import FunctionServer
+from zpcid.vfio_user.server import FunctionServer
 
 DETACH_TIMEOUT = 10.0
 LOG_TAIL = 12000
@@ -81,12 +81,8 @@ def pattern(seed: bytes, n: int) -> bytes:
 
 
 def function_types() -> dict[str, Callable[..., Any]]:
-    """The registered function types; a type module that fails to import only
-    takes its own type away (virtio-blk is younger than memory)."""
-    try:
-        devices.load_all()
-    except ImportError:
-        from zpcid.devices import memory  # noqa: F401
+    """The function types by configuration name."""
+    devices.load_all()
     return devices.TYPES
 
 

@@ -29,7 +29,7 @@ import harness
 import qemu as qh
 from harness import PCI_COMMAND, Session
 from zpcid.devices import memory as mem
-from zpcid.properties import ZpciProperties
+from zpcid.zpci.properties import ZpciProperties
 
 ZPCI_UID, ZPCI_FID = 0x1234, 0x10
 GUEST_MEM = 512 << 20  # qh.run_guest's default guest RAM
@@ -366,7 +366,10 @@ async def _memory_session(qemu: qh.QemuInstall, workdir: Path, sock: str) -> Mem
     fn = harness.function_types()["memory"]("m0", vendor=MEM_VENDOR, device=MEM_DEVICE,
                                      ram_size=RAM_SIZE, backing=str(backing),
                                      zpci=ZpciProperties(fid=ZPCI_FID, uid=ZPCI_UID))
-    fn.ram.mm[HOST_OFFSET : HOST_OFFSET + 4] = _le(HOST_VALUE)
+    # The host side writes through the shared backing file, as any other process would.
+    with open(backing, "r+b") as f:
+        f.seek(HOST_OFFSET)
+        f.write(_le(HOST_VALUE))
     boot = functools.partial(
         qh.run_guest, qemu, "s390x", qh.guest_script(_memory_body()), qemu_args=_device_arg(sock),
         timeout=BOOT_TIMEOUT, extra_files={"bin/zmmio": MEM_PROGRAM.elf})

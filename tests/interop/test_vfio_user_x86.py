@@ -103,7 +103,10 @@ async def _session(qemu: qh.QemuInstall, workdir: Path, sock: str) -> Boot:
     # By type name and options, as a configuration file would ask for it.
     fn = harness.function_types()["memory"]("qemu0", ram_size=RAM_SIZE, backing=str(backing),
                                             vendor=VENDOR, device=DEVICE)
-    fn.ram.mm[HOST_OFFSET : HOST_OFFSET + 4] = struct.pack("<I", HOST_VALUE)
+    # The host side writes through the shared backing file, as any other process would.
+    with open(backing, "r+b") as f:
+        f.seek(HOST_OFFSET)
+        f.write(struct.pack("<I", HOST_VALUE))
 
     def scratch(fn) -> dict[str, int]:
         return {"scratch": struct.unpack_from("<I", fn.regs, mem.REG_SCRATCH)[0]}

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from zpcid import ctl
+from zpcid.service import ctl
 
 START_TIMEOUT = 10.0
 
@@ -26,7 +26,7 @@ def command(name: str, module: str) -> list[str]:
 
 
 ZPCID = command("zpcid", "zpcid.cli")
-ZPCICTL = command("zpcictl", "zpcid.ctl")
+ZPCICTL = command("zpcictl", "zpcid.service.ctl")
 
 
 def toml_value(v) -> str:

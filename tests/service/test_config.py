@@ -5,7 +5,7 @@ import subprocess
 
 import pytest
 
-from zpcid import cli
+from zpcid.service import cli
 
 from .conftest import ZPCID, memfn, render_config
 

@@ -13,8 +13,8 @@ import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from protocol import consts as C
-from zpcid import client as zclient
+from protocol.vfio_user import consts as C
+from zpcid.vmm import client as zclient
 from zpcid.devices.memory import MAGIC, REG_MAGIC, REG_SCRATCH
 
 from .conftest import ZPCICTL, memfn
@@ -77,8 +77,12 @@ def test_control_commands_human_and_json(daemons):
     rc, out, err = d.ctl("list")
     assert rc == 0, err
     lines = out.splitlines()
-    assert lines[0].split() == ["FID", "UID", "NAME", "TYPE", "STATE", "ATTACHED", "SOCKET"]
-    assert lines[2].split() == ["0x20", "0x21", "f20", "memory", "serving", "no", d.socket("f20")]
+    assert lines[0].split() == ["FID", "UID", "NAME", "TYPE", "STATE", "PID", "RESTARTS", "ATTACHED",
+                                "SOCKET"]
+    listed = d.ctl_json("list")
+    pid20 = listed[1]["pid"]
+    assert lines[2].split() == ["0x20", "0x21", "f20", "memory", "serving", str(pid20), "0", "no",
+                                d.socket("f20")]
     # aligned: every column starts at the same offset in each row
     assert lines[1].index("0x1 ") == 0 and lines[0].index("SOCKET") == lines[2].index(d.socket("f20"))
 
@@ -185,7 +189,7 @@ def _ctl_as(uid: int, gid: int, argv: list[str]) -> tuple[int, str]:
             os.setgid(gid)
             os.setuid(uid)
             import io
-            from zpcid import ctl
+            from zpcid.service import ctl
             err = io.StringIO()
             code = ctl.run(argv, out=io.StringIO(), err=err)
             os.write(w, err.getvalue().encode())
@@ -435,14 +439,14 @@ async def test_metrics_from_control_and_listener(daemons):
         while chunk := s.recv(65536):
             data += chunk
     head, _, body = data.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.0 200 OK")
+    assert head.startswith(b"HTTP/1.1 200 OK")
     m = metrics(body.decode())
     assert m[("zpcid_attaches_total", (("fid", "0x1"),))] == 1
     assert m[("zpcid_attached_clients", (("fid", "0x1"),))] == 0
     with socket.socket(socket.AF_UNIX) as s:
         s.connect(os.path.join(d.rdir, "metrics.sock"))
         s.sendall(b"GET /nope HTTP/1.0\r\n\r\n")
-        assert s.recv(100).startswith(b"HTTP/1.0 404")
+        assert s.recv(100).startswith(b"HTTP/1.1 404")
     assert d.stop() == 0
 
 

@@ -32,7 +32,8 @@ def test_unit_verifies(tmp_path, unit, name):
     for key in ("Type=notify", "WatchdogSec=", "RuntimeDirectory=zpcid", "NoNewPrivileges=yes",
                 "ProtectSystem=strict", "ProtectHome=yes", "PrivateTmp=yes", "PrivateDevices=yes",
                 "ProtectKernelTunables=yes", "ProtectKernelModules=yes", "RestrictAddressFamilies=AF_UNIX",
-                "RestrictNamespaces=yes", "LockPersonality=yes", "CapabilityBoundingSet=\n"):
+                "RestrictNamespaces=yes", "LockPersonality=yes", "CapabilityBoundingSet=\n",
+                "LimitNOFILE=65536", "KillMode=mixed"):
         assert key in text, key
 
 

@@ -4,18 +4,13 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+# Filled by load_all(): the type modules are imported only when a function is
+# built, and they do not import this package back (no import cycle).
 TYPES: dict[str, Callable[..., Any]] = {}
 
 
-def register(name: str):
-    def deco(factory):
-        TYPES[name] = factory
-        return factory
-
-    return deco
-
-
 def load_all() -> None:
-    # Imported for their registration side effect.
-    from zpcid.devices import dma_engine, memory  # noqa: F401
-    from zpcid.devices import virtio_blk  # noqa: F401
+    """Fill TYPES: configuration name -> factory(name, **options)."""
+    from zpcid.devices import dma_engine, memory, virtio_blk
+
+    TYPES.update({"dma-engine": dma_engine.make, "memory": memory.make, "virtio-blk": virtio_blk.make})

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import struct
 
+import attrs
 import trio
 
-from zpcid.crc32c import crc32c
-from zpcid.devices import register
-from zpcid.dma import DmaFault
-from zpcid.function import PciFunction
-from zpcid.regions import WindowedRegion
+from crc32c import crc32c
+from zpcid.vfio_user.dma import DmaFault
+from zpcid.pci.function import PciFunction
+from zpcid.snapshot import Snapshot, expect, require
+from zpcid.vfio_user.regions import WindowedRegion
 
 DEFAULT_VENDOR = 0x1014  # test IDs, see docs/devices/dma-engine.md
 DEFAULT_DEVICE = 0xFE10
@@ -73,6 +74,18 @@ class DmaEngine(PciFunction):
             self.regs[:] = bytes(REGS_SIZE)
             struct.pack_into("<II", self.regs, REG_ID, ID_VALUE, 1)
             struct.pack_into("<I", self.regs, REG_MAX_LEN, self.max_transfer)
+
+    def device_snapshot(self) -> "DmaEngineSnapshot":
+        """The registers (ring head/tail included; the ring itself is guest memory).
+
+        Taken quiesced, so no operation is half done.
+        """
+        return DmaEngineSnapshot(regs=bytes(self.regs))
+
+    def device_restore(self, snap) -> None:
+        expect(snap, DmaEngineSnapshot)
+        require(len(snap.regs) == REGS_SIZE, "dma-engine register block has another size")
+        self.regs[:] = snap.regs
 
     def _get(self, fmt: str, off: int) -> int:
         return struct.unpack_from(fmt, self.regs, off)[0]
@@ -213,56 +226,14 @@ class DmaEngine(PciFunction):
             self._interrupt()
 
 
-@register("dma-engine")
+@attrs.frozen
+class DmaEngineSnapshot(Snapshot):
+    KIND = "devices.dma_engine"
+    regs: bytes
+
+
 def make(name: str, **options) -> DmaEngine:
     return DmaEngine(name, **options)
-
-
-class Driver:
-    """Guest-side driver for the register interface (demo, benchmarks, tests).
-
-    With ``irq_fd`` (the eventfd of ``vector``) it sleeps until the completion
-    interrupt, as a real driver does; otherwise it polls STATUS with back-off.
-    """
-
-    def __init__(self, client, bar: int = 0, *, irq_fd: int | None = None, vector: int = 0):
-        self.client, self.bar = client, bar
-        self.irq_fd, self.vector = irq_fd, vector
-        self._irq_programmed = False
-
-    async def reg(self, offset: int, fmt: str = "<I") -> int:
-        return struct.unpack(fmt, await self.client.region_read(self.bar, offset, struct.calcsize(fmt)))[0]
-
-    async def wait(self, timeout: float = 10.0) -> int:
-        """STATUS once the engine is idle."""
-        with trio.fail_after(timeout):
-            if self.irq_fd is not None:
-                from zpcid.client import wait_eventfd
-
-                await wait_eventfd(self.irq_fd, timeout)
-                return await self.reg(REG_STATUS)
-            delay = 20e-6
-            while True:
-                st = await self.reg(REG_STATUS)
-                if not st & STATUS_BUSY:
-                    return st
-                await trio.sleep(delay)
-                delay = min(delay * 2, 1e-3)
-
-    async def run(self, op: int, src: int = 0, dst: int = 0, length: int = 0, pattern: int = 0) -> int:
-        """Program one operation, ring the doorbell, return STATUS when done."""
-        if self.irq_fd is not None and not self._irq_programmed:
-            await self.client.region_write(self.bar, REG_VECTOR, struct.pack("<I", self.vector))
-            await self.client.region_write(self.bar, REG_CTRL, struct.pack("<I", CTRL_IRQ))
-            self._irq_programmed = True
-        await self.client.region_write(self.bar, REG_SRC, struct.pack("<QQIIQ", src, dst, length, op, pattern))
-        await self.client.region_write(self.bar, REG_DOORBELL, b"\1\0\0\0")
-        return await self.wait()
-
-    async def submit(self, tail: int) -> int:
-        """Ring the descriptor-ring doorbell; STATUS when the batch is done."""
-        await self.client.region_write(self.bar, REG_RING_TAIL, struct.pack("<I", tail))
-        return await self.wait()
 
 
 def status_error(status: int) -> int:

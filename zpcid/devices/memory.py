@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import struct
 
-from zpcid.devices import register
-from zpcid.dma import DmaFault
-from zpcid.function import PciFunction
-from zpcid.regions import MemfdRegion, WindowedRegion
+import attrs
+
+from zpcid.vfio_user.dma import DmaFault
+from zpcid.pci.function import PciFunction
+from zpcid.snapshot import Snapshot, expect, require
+from zpcid.vfio_user.regions import MemfdRegion, WindowedRegion
 
 MAGIC = 0x7A706369
 REG_MAGIC, REG_VERSION, REG_SCRATCH, REG_DOORBELL, REG_RINGS = 0x00, 0x04, 0x08, 0x0C, 0x10
@@ -60,6 +62,16 @@ class MemoryFunction(PciFunction):
             struct.pack_into("<II", self.regs, REG_MAGIC, MAGIC, 1)
             struct.pack_into("<Q", self.regs, REG_RAM_SIZE, self.ram.size)
 
+    def device_snapshot(self) -> "MemoryRegsSnapshot":
+        """The register block (the RAM BAR is a memfd, captured with the BARs)."""
+        return MemoryRegsSnapshot(regs=bytes(self.regs), rings=self.rings)
+
+    def device_restore(self, snap) -> None:
+        expect(snap, MemoryRegsSnapshot)
+        require(len(snap.regs) == len(self.regs), "memory register block has another size")
+        self.regs[:] = snap.regs
+        self.rings = snap.rings
+
     async def _reg_read(self, offset: int, count: int) -> bytes:
         struct.pack_into("<I", self.regs, REG_RINGS, self.rings & 0xFFFFFFFF)
         if offset + count > len(self.regs):
@@ -70,7 +82,7 @@ class MemoryFunction(PciFunction):
         if offset == REG_DOORBELL and len(data) == 4:
             vector = int.from_bytes(data, "little")
             self.rings += 1
-            self.log.info("doorbell", vector=vector)
+            self.log.debug("doorbell", vector=vector)
             if self.msix is not None and vector < self.msix.nvec:
                 self.msix.fire(vector)
             return
@@ -92,9 +104,9 @@ class MemoryFunction(PciFunction):
         try:
             # Through dma_path, so a zPCI IOMMU in front of the client's map applies.
             if cmd == DMA_CMD_TO_HOST:
-                await self.dma_path.write(addr, self.ram.mm[:length])
+                await self.dma_path.write(addr, await self.ram.read(0, length))
             elif cmd == DMA_CMD_FROM_HOST:
-                self.ram.mm[:length] = await self.dma_path.read(addr, length)
+                await self.ram.write(0, await self.dma_path.read(addr, length))
             else:
                 status = 1
         except DmaFault as exc:
@@ -103,6 +115,12 @@ class MemoryFunction(PciFunction):
         struct.pack_into("<I", self.regs, REG_DMA_STATUS, status)
 
 
-@register("memory")
+@attrs.frozen
+class MemoryRegsSnapshot(Snapshot):
+    KIND = "devices.memory"
+    regs: bytes
+    rings: int
+
+
 def make(name: str, **options) -> MemoryFunction:
     return MemoryFunction(name, **options)

@@ -1,6 +1,6 @@
 """The `virtio-blk` function type: a modern (1.x) virtio block device over PCI.
 
-BAR0  virtio structures (common / ISR / device config / notify, see zpcid.virtio.pci)
+BAR0  virtio structures (common / ISR / device config / notify, see zpcid.devices.virtio.pci)
 BAR2  MSI-X table and PBA: vector 0.. for the driver to assign (config + one per queue)
 Backed by a file or block device; I/O runs in worker threads (a CapacityLimiter
 bounds them) so the trio loop never blocks, and a request's status is only
@@ -12,19 +12,22 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import mmap
 import os
 import re
 import stat
 import struct
 from typing import Any
 
+import attrs
+import numpy as np
 import trio
 
-from zpcid.devices import register
-from zpcid.function import PciFunction
-from zpcid.virtio import pci as vp
-from zpcid.virtio.queue import (Chain, GuardedDma, RingError, Service, SplitQueue, Stopped,
-                                gather, is_dma_error, scatter, slice_iov, validate_queue)
+from zpcid.pci.function import PciFunction
+from zpcid.snapshot import Fd, Snapshot, SnapshotError, expect, require
+from zpcid.devices.virtio import pci as vp
+from zpcid.devices.virtio.queue import (Chain, GuardedDma, RingError, Service, SplitQueue, Stopped,
+                                gather, is_client_gone, is_dma_error, scatter, slice_iov, validate_queue)
 
 VIRTIO_ID_BLOCK = 2
 
@@ -58,10 +61,15 @@ SECTOR = 512  # the unit of every sector number in the protocol
 OUTHDR = struct.Struct("<IIQ")  # struct virtio_blk_outhdr: type, ioprio, sector
 DWZ_SEG = struct.Struct("<QII")  # struct virtio_blk_discard_write_zeroes
 CONFIG_SIZE = 0x3C  # struct virtio_blk_config up to write_zeroes_may_unmap
-IO_CHUNK = 1 << 20  # bytes staged in memory per request at a time
-NOWAIT_MAX = 256 << 10  # largest read tried inline from the page cache (bounds loop latency)
+IO_CHUNK = 1 << 20  # bytes staged per step where guest memory has no views (DMA messages)
+NOWAIT_MAX = 256 << 10  # largest request tried inline against the page cache (bounds loop latency)
+IOV_MAX = 1024  # iovecs per preadv/pwritev (Linux UIO_MAXIOV)
+PAGE = 4096
 MAX_DISCARD_SECTORS = 1 << 22
 MAX_DISCARD_SEG = 32
+SLICE = 64  # requests a queue takes from its ring before letting other tasks run
+_TYPES = frozenset((VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID,
+                    VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES))
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -87,17 +95,76 @@ def parse_size(value: int | str | None) -> int | None:
     return int(m.group(1)) << (10 * " KMGT".index(m.group(2).upper() or " "))
 
 
-class BackingFile:
-    """The file or block device behind the disk; all methods block (run them in threads)."""
+# QEMU's cache modes: (O_DIRECT, O_DSYNC). With O_DSYNC every write is durable when
+# it completes, so the device reports no volatile write cache and FLUSH has nothing to do.
+CACHE_MODES = {"writeback": (False, False), "none": (True, False),
+               "writethrough": (False, True), "directsync": (True, True)}
+DEFAULT_CACHE = "writeback"
+_NOT_SUPPORTED = (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.ENODEV)
 
-    def __init__(self, path: str, *, readonly: bool, size: int | None):
+
+def _advance(views: list[memoryview], n: int) -> list[memoryview]:
+    """The views left after the first ``n`` bytes."""
+    out = list(views)
+    while n and out:
+        if n >= len(out[0]):
+            n -= len(out.pop(0))
+        else:
+            out[0] = out[0][n:]
+            n = 0
+    return out
+
+
+def _copy(buf: memoryview, views: list[memoryview], *, to_views: bool) -> list[memoryview]:
+    """Copy ``buf`` into the first bytes of ``views`` (or fill it from them); returns the rest."""
+    pos = 0
+    rest = list(views)
+    while pos < len(buf) and rest:
+        v = rest[0]
+        n = min(len(v), len(buf) - pos)
+        if to_views:
+            v[:n] = buf[pos : pos + n]
+        else:
+            buf[pos : pos + n] = v[:n]
+        pos += n
+        if n == len(v):
+            rest.pop(0)
+        else:
+            rest[0] = v[n:]
+    return rest
+
+
+def _iov_groups(views: list[memoryview]):
+    """At most IOV_MAX views per system call."""
+    for i in range(0, len(views), IOV_MAX):
+        yield views[i : i + IOV_MAX]
+
+
+class BackingFile:
+    """The file or block device behind the disk.
+
+    Data moves with ``preadv``/``pwritev`` straight between the file and views of
+    guest memory. Methods whose name ends in ``_nowait`` never block (the trio loop
+    may call them); every other method may block and runs in a worker thread.
+    """
+
+    def __init__(self, path: str, *, readonly: bool, size: int | None, cache: str = DEFAULT_CACHE):
+        if cache not in CACHE_MODES:
+            raise ValueError(f"cache {cache!r} is not one of: {', '.join(CACHE_MODES)}")
         self.path = path
         self.readonly = readonly
+        self.cache = cache
+        self.direct, self.dsync = CACHE_MODES[cache]
         exists = os.path.exists(path)
         if not exists and (size is None or readonly):
             raise ValueError(f"{path} does not exist (give a size to create it)")
-        flags = (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC | (0 if exists else os.O_CREAT)
+        flags = ((os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC | (0 if exists else os.O_CREAT)
+                 | (os.O_DSYNC if self.dsync else 0))
         self.fd = os.open(path, flags, 0o600)
+        # cache=none/directsync: a second descriptor with O_DIRECT; the first one
+        # serves requests whose file offset or length O_DIRECT cannot take.
+        self.dfd = -1
+        self.bounced = 0  # O_DIRECT requests staged through an aligned buffer
         try:
             st = os.fstat(self.fd)
             if stat.S_ISREG(st.st_mode):
@@ -115,58 +182,165 @@ class BackingFile:
                 if size is None:
                     raise ValueError(f"{path} is not a regular file or block device; give a size")
                 self.capacity = size
+            if self.direct:
+                try:
+                    self.dfd = os.open(path, (flags & ~os.O_CREAT) | os.O_DIRECT)
+                except OSError as exc:
+                    raise ValueError(f"cache {cache!r} needs O_DIRECT, which {path} refuses: "
+                                     f"{exc.strerror}") from None
+                self.align = self._probe_alignment()
         except BaseException:
-            os.close(self.fd)
+            self.close()
             raise
         self.capacity -= self.capacity % SECTOR
         self.is_blockdev = stat.S_ISBLK(st.st_mode)
-        self.nowait = hasattr(os, "RWF_NOWAIT")
+        self.st_dev, self.st_ino = st.st_dev, st.st_ino
+        self.nowait = hasattr(os, "RWF_NOWAIT") and not self.direct
+        self.write_nowait_ok = self.nowait and not self.dsync
 
-    def pread_nowait(self, n: int, offset: int) -> bytes | None:
-        """The data if the page cache has all of it (never blocks), else None."""
-        if not self.nowait:
-            return None
-        buf = bytearray(n)
+    def _probe_alignment(self) -> int:
+        """The buffer/offset alignment O_DIRECT accepts here: 512, else 4096 (as QEMU probes)."""
+        buf = mmap.mmap(-1, 2 * PAGE)
         try:
-            got = os.preadv(self.fd, [buf], offset, os.RWF_NOWAIT)
+            view = memoryview(buf)
+            try:
+                os.preadv(self.dfd, [view[SECTOR : 2 * SECTOR]], SECTOR)
+                return SECTOR
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    return SECTOR  # not an alignment verdict; requests fall back on EINVAL
+                return PAGE
+            finally:
+                view.release()
+        finally:
+            buf.close()
+
+    # ------------------------------------------------------------------ identity
+    def identity(self) -> tuple[int, int, int]:
+        """(st_dev, st_ino, capacity): what a restored function checks it got the same disk."""
+        return self.st_dev, self.st_ino, self.capacity
+
+    # ------------------------------------------------------------------ never blocking
+    def read_nowait(self, views: list[memoryview], offset: int) -> int:
+        """Bytes copied from the page cache into ``views`` without blocking (0 if none)."""
+        if not self.nowait or len(views) > IOV_MAX:
+            return 0
+        try:
+            return os.preadv(self.fd, views, offset, os.RWF_NOWAIT)
         except BlockingIOError:
-            return None
+            return 0
         except OSError as exc:
-            if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
-                self.nowait = False  # this file cannot do it; always use a worker thread
-                return None
+            if exc.errno in _NOT_SUPPORTED:
+                self.nowait = self.write_nowait_ok = False  # this file cannot; use threads
+                return 0
             raise
-        return bytes(buf) if got == n else None
+
+    def write_nowait(self, views: list[memoryview], offset: int) -> int:
+        """Bytes written into the page cache without blocking (0 if none)."""
+        if not self.write_nowait_ok or len(views) > IOV_MAX:
+            return 0
+        try:
+            return os.pwritev(self.fd, views, offset, os.RWF_NOWAIT)
+        except BlockingIOError:
+            return 0
+        except OSError as exc:
+            if exc.errno in _NOT_SUPPORTED:
+                self.write_nowait_ok = False
+                return 0
+            raise
+
+    # ------------------------------------------------------------------ blocking
+    def _aligned(self, views: list[memoryview], offset: int, length: int) -> bool:
+        a = self.align
+        if offset % a or length % a:
+            return False
+        for v in views:
+            if len(v) % a:
+                return False
+            if _address(v) % a:
+                return False
+        return True
+
+    def read_into(self, views: list[memoryview], offset: int) -> None:
+        """Fill ``views`` from ``offset``; past the end of the file reads as zeros."""
+        length = sum(len(v) for v in views)
+        if self.direct and not offset % self.align and not length % self.align:
+            if not self._aligned(views, offset, length):
+                self.bounced += 1
+                # The guest buffer is not aligned: through a bounce buffer, a chunk at a time.
+                with _Bounce(min(length, IO_CHUNK)) as bounce:
+                    rest = views
+                    for pos in range(0, length, IO_CHUNK):
+                        n = min(IO_CHUNK, length - pos)
+                        self._preadv_all(self.dfd, [bounce.view[:n]], offset + pos)
+                        rest = _copy(bounce.view[:n], rest, to_views=True)
+                return
+            try:
+                self._preadv_all(self.dfd, views, offset)
+                return
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise  # (EINVAL: an alignment the probe did not see; go buffered)
+        self._preadv_all(self.fd, views, offset)
+
+    def _preadv_all(self, fd: int, views: list[memoryview], offset: int) -> None:
+        for group in _iov_groups(views):
+            while group:
+                n = os.preadv(fd, group, offset)
+                if n == 0:
+                    for v in group:  # past the end of a file that shrank under us
+                        v[:] = bytes(len(v))
+                    break
+                offset += n
+                group = _advance(group, n)
+
+    def write_from(self, views: list[memoryview], offset: int) -> None:
+        length = sum(len(v) for v in views)
+        if self.direct and not offset % self.align and not length % self.align:
+            if not self._aligned(views, offset, length):
+                self.bounced += 1
+                with _Bounce(min(length, IO_CHUNK)) as bounce:
+                    rest = views
+                    for pos in range(0, length, IO_CHUNK):
+                        n = min(IO_CHUNK, length - pos)
+                        rest = _copy(bounce.view[:n], rest, to_views=False)
+                        self._pwritev_all(self.dfd, [bounce.view[:n]], offset + pos)
+                return
+            try:
+                self._pwritev_all(self.dfd, views, offset)
+                return
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+        self._pwritev_all(self.fd, views, offset)
+
+    def _pwritev_all(self, fd: int, views: list[memoryview], offset: int) -> None:
+        for group in _iov_groups(views):
+            while group:
+                n = os.pwritev(fd, group, offset)
+                if n <= 0:
+                    raise OSError(errno.ENOSPC, "short write")
+                offset += n
+                group = _advance(group, n)
 
     def pread(self, n: int, offset: int) -> bytes:
-        parts, got = [], 0
-        while got < n:
-            chunk = os.pread(self.fd, n - got, offset + got)
-            if not chunk:
-                # Past the end of a file that shrank under us: raw images read as zeros there.
-                parts.append(bytes(n - got))
-                break
-            parts.append(chunk)
-            got += len(chunk)
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+        """``n`` bytes as a new buffer (message-mode guest memory has no views)."""
+        buf = bytearray(n)
+        self.read_into([memoryview(buf)], offset)
+        return bytes(buf)
 
     def pwrite(self, data: bytes, offset: int) -> None:
-        view = memoryview(data)
-        while view:
-            n = os.pwrite(self.fd, view, offset)
-            if n <= 0:
-                raise OSError(errno.ENOSPC, "short write")
-            view, offset = view[n:], offset + n
+        self.write_from([memoryview(data)], offset)
 
-    def fsync(self) -> None:
-        os.fsync(self.fd)
+    def flush(self) -> None:
+        os.fdatasync(self.fd)
 
     def discard(self, offset: int, length: int) -> None:
         try:
             _fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
         except OSError as exc:
             # Discard is a hint; a backing store that cannot punch holes ignores it.
-            if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.ENODEV):
+            if exc.errno not in _NOT_SUPPORTED:
                 raise
 
     def write_zeroes(self, offset: int, length: int, unmap: bool) -> None:
@@ -177,16 +351,38 @@ class BackingFile:
                 _fallocate(self.fd, mode, offset, length)
                 return
             except OSError as exc:
-                if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.ENODEV):
+                if exc.errno not in _NOT_SUPPORTED:
                     raise
         zeros = bytes(min(length, IO_CHUNK))
         for pos in range(0, length, len(zeros)):
-            self.pwrite(zeros[: min(len(zeros), length - pos)], offset + pos)
+            self._pwritev_all(self.fd, [memoryview(zeros)[: min(len(zeros), length - pos)]], offset + pos)
 
     def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        for name in ("dfd", "fd"):
+            fd = getattr(self, name, -1)
+            if fd >= 0:
+                os.close(fd)
+                setattr(self, name, -1)
+
+
+class _Bounce:
+    """A page-aligned anonymous buffer for O_DIRECT I/O on behalf of an unaligned guest buffer."""
+
+    def __init__(self, n: int):
+        self.mm = mmap.mmap(-1, max(n, 1))
+        self.view = memoryview(self.mm)[:n]
+
+    def __enter__(self) -> "_Bounce":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.view.release()
+        self.mm.close()
+
+
+def _address(view: memoryview) -> int:
+    """Process address of a buffer's first byte (read-only buffers too, which ctypes refuses)."""
+    return int(np.frombuffer(view, dtype=np.uint8).ctypes.data) if len(view) else 0
 
 
 class VirtioBlkFunction(PciFunction):
@@ -196,7 +392,7 @@ class VirtioBlkFunction(PciFunction):
                  num_queues: int = 1, queue_size: int = 256, serial: str | None = None,
                  blk_size: int = SECTOR, io_threads: int = 8, max_inflight: int = 256,
                  discard: bool = True, write_zeroes: bool = True, event_idx: bool = True,
-                 indirect: bool = True, access_platform: bool = True,
+                 indirect: bool = True, access_platform: bool = True, cache: str = DEFAULT_CACHE,
                  msix_vectors: int | None = None, **kw):
         if queue_size < 2 or queue_size & (queue_size - 1) or queue_size > 32768:
             raise ValueError("queue_size must be a power of two in 2..32768")
@@ -210,14 +406,16 @@ class VirtioBlkFunction(PciFunction):
                          subsys_vendor=vp.VIRTIO_PCI_SUBSYS_VENDOR_ID, subsys=vp.VIRTIO_PCI_SUBSYS_ID,
                          revision=vp.VIRTIO_PCI_REVISION,
                          msix_vectors=msix_vectors or num_queues + 1, **kw)
-        self.backing = BackingFile(path, readonly=bool(readonly), size=parse_size(size))
+        self.backing = BackingFile(path, readonly=bool(readonly), size=parse_size(size), cache=cache)
         self.readonly = bool(readonly)
         self.blk_size = blk_size
         self.capacity = self.backing.capacity - self.backing.capacity % blk_size
         self.serial = (serial if serial is not None else name).encode()[:VIRTIO_BLK_ID_BYTES]
         self.queue_size = queue_size
+        # No FLUSH where writes are durable when they complete (O_DSYNC): the
+        # driver then treats the disk as write-through and sends none.
         features = ((1 << VIRTIO_BLK_F_SEG_MAX) | (1 << VIRTIO_BLK_F_BLK_SIZE)
-                    | (1 << VIRTIO_BLK_F_FLUSH) | (1 << VIRTIO_BLK_F_MQ))
+                    | (int(not self.backing.dsync) << VIRTIO_BLK_F_FLUSH) | (1 << VIRTIO_BLK_F_MQ))
         if self.readonly:
             features |= 1 << VIRTIO_BLK_F_RO
         else:
@@ -283,6 +481,10 @@ class VirtioBlkFunction(PciFunction):
         await self._stop_service()
 
     async def virtio_driver_ok(self) -> None:
+        self._start_service()
+
+    def _start_service(self, positions: tuple = ()) -> None:
+        """Run the enabled queues (from the ring positions of a snapshot, if given)."""
         t = self.transport
         prev = self.service
         if prev is not None:
@@ -294,6 +496,10 @@ class VirtioBlkFunction(PciFunction):
                           indirect=t.has(vp.VIRTIO_RING_F_INDIRECT_DESC))
             for i, q in enumerate(t.queues) if q.enabled
         }
+        for pos in positions:
+            require(pos.index in self.queues, f"snapshot has ring positions of queue {pos.index}, "
+                                              "which is not enabled")
+            self.queues[pos.index].restore(pos)
         self.service = service
         queues = list(self.queues.values())
 
@@ -319,9 +525,9 @@ class VirtioBlkFunction(PciFunction):
 
     async def _quiesce(self) -> None:
         """After the last request: persist what was acknowledged, release the file if closing."""
-        if self.dirty and self.backing.fd >= 0 and not self.readonly:
+        if self.dirty and self.backing.fd >= 0 and not self.readonly and not self.backing.dsync:
             try:
-                await trio.to_thread.run_sync(self.backing.fsync, limiter=self.limiter)
+                await trio.to_thread.run_sync(self.backing.flush, limiter=self.limiter)
                 self.dirty = False
             except OSError as exc:
                 self.log.warning("virtio_blk_fsync_failed", error=str(exc))
@@ -330,28 +536,45 @@ class VirtioBlkFunction(PciFunction):
 
     async def _queue_worker(self, svc: Service, q: SplitQueue, requests: trio.Nursery,
                             slots: trio.Semaphore, dma: GuardedDma) -> None:
+        """Per notification: drain the available ring, finish what can finish at once,
+        hand the rest to request tasks, and publish the finished ones as one batch."""
         while True:
             await q.kick.wait()
             q.kick = trio.Event()
             while not self.transport.needs_reset:
-                await slots.acquire()
+                done: list[tuple[int, int]] = []
+                empty = False
                 try:
-                    chain = await q.pop()
-                    if chain is None and await q.arm():
-                        continue  # raced with the driver adding a buffer
+                    for _ in range(SLICE):  # bounded work before others get the loop
+                        await slots.acquire()
+                        chain = await q.pop()
+                        if chain is None:
+                            slots.release()
+                            empty = True
+                            break
+                        written = self._try_inline(chain, dma)
+                        if written is None:
+                            q.inflight += 1
+                            requests.start_soon(self._request, q, chain, slots, dma)
+                        else:
+                            slots.release()
+                            done.append((chain.head, written))
+                    if done:
+                        await self._complete(q, done)
+                    if empty and not await q.arm():
+                        break
                 except Stopped:
-                    slots.release()
                     return
                 except Exception as exc:
-                    slots.release()
                     self._ring_failure(q, exc)
                     break
-                if chain is None:
-                    slots.release()
-                    break
-                requests.start_soon(self._request, q, chain, slots, dma)
+                await trio.lowlevel.checkpoint()
 
     def _ring_failure(self, q: SplitQueue, exc: Exception) -> None:
+        if is_client_gone(exc):
+            # Not the driver's fault and nobody left to tell: no NEEDS_RESET.
+            self.log.warning("virtio_blk_client_gone", queue=q.index, error=str(exc))
+            return
         if isinstance(exc, RingError) or is_dma_error(exc):
             self.counters.errors["virtio_ring"] += 1
             reason = "ring_error" if isinstance(exc, RingError) else "ring_dma_fault"
@@ -365,15 +588,36 @@ class VirtioBlkFunction(PciFunction):
     async def _request(self, q: SplitQueue, chain: Chain, slots: trio.Semaphore,
                        dma: GuardedDma) -> None:
         try:
-            written = await self._execute(chain, dma)
-            if await q.push(chain.head, written):
-                self._queue_interrupt(q)
+            try:
+                written = await self._execute(chain, dma)
+            finally:
+                q.inflight -= 1
+            if q.inflight and not q.publishing:
+                # Others are in flight: let those finishing in this same scheduler
+                # pass join the batch, so one interrupt covers them all.
+                await trio.lowlevel.checkpoint()
+            await self._complete(q, [(chain.head, written)])
         except Stopped:
             pass  # reset or detach: the driver no longer owns this ring
         except Exception as exc:
             self._ring_failure(q, exc)
         finally:
             slots.release()
+
+    async def _complete(self, q: SplitQueue, done: list[tuple[int, int]]) -> None:
+        """Publish finished requests; whoever finds no publisher at work becomes it and
+        also publishes what others finish meanwhile, with one interrupt per batch."""
+        q.completed += done
+        if q.publishing:
+            return
+        q.publishing = True
+        try:
+            while q.completed:
+                batch, q.completed = q.completed, []
+                if await q.push_many(batch):
+                    self._queue_interrupt(q)
+        finally:
+            q.publishing = False
 
     def _queue_interrupt(self, q: SplitQueue) -> None:
         self.transport.isr |= vp.VIRTIO_PCI_ISR_QUEUE
@@ -382,6 +626,75 @@ class VirtioBlkFunction(PciFunction):
                 self.counters.interrupts += 1
 
     # ------------------------------------------------------------------ requests
+    def _try_inline(self, chain: Chain, dma: GuardedDma) -> int | None:
+        """Finish a request on the spot if that cannot block: a read the page cache
+        holds, a write the page cache takes, GET_ID, a request refused outright.
+        Returns the bytes written into the chain, or None to run it in a task."""
+        rlen, wlen = chain.readable_len, chain.writable_len
+        if rlen < OUTHDR.size or wlen < 1:
+            return None  # _execute raises the ring error
+        try:
+            hdr_views = dma.views(slice_iov(chain.readable, 0, OUTHDR.size), False)
+            status_views = dma.views(slice_iov(chain.writable, wlen - 1, 1), True)
+        except Stopped:
+            raise
+        except Exception as exc:
+            if is_dma_error(exc):
+                return None  # _execute reports it the way it always has
+            raise
+        if hdr_views is None or status_views is None:
+            return None  # DMA messages: nothing is immediate
+        rtype, _ioprio, sector = OUTHDR.unpack(b"".join(hdr_views))
+        out_len, in_len = rlen - OUTHDR.size, wlen - 1
+        status, written = None, 0
+        if rtype == VIRTIO_BLK_T_IN and not out_len and in_len <= NOWAIT_MAX:
+            if not self._in_range(sector, in_len):
+                status = self._bad("read", sector, out_len, in_len)
+            elif self.backing.nowait:
+                views = self._data_views(dma, slice_iov(chain.writable, 0, in_len), True)
+                if views is not None and self.backing.read_nowait(views, sector * SECTOR) == in_len:
+                    self.stats["reads"] += 1
+                    self.stats["bytes_read"] += in_len
+                    status, written = VIRTIO_BLK_S_OK, in_len
+        elif rtype == VIRTIO_BLK_T_OUT and not in_len and out_len <= NOWAIT_MAX:
+            if self.readonly or not self._in_range(sector, out_len):
+                status = self._bad("write", sector, out_len, in_len)
+            elif self.backing.write_nowait_ok:
+                views = self._data_views(dma, slice_iov(chain.readable, OUTHDR.size, out_len), False)
+                if views is not None:
+                    self.dirty = True
+                    if self.backing.write_nowait(views, sector * SECTOR) == out_len:
+                        self.stats["writes"] += 1
+                        self.stats["bytes_written"] += out_len
+                        status = VIRTIO_BLK_S_OK
+        elif rtype == VIRTIO_BLK_T_FLUSH and (self.readonly or self.backing.dsync):
+            self.stats["flushes"] += 1
+            status = VIRTIO_BLK_S_OK  # nothing volatile to flush
+        elif rtype not in _TYPES:
+            status = self._unsupp(rtype)
+        if status is None:
+            return None
+        self._count_status(status)
+        status_views[0][0] = status
+        return written + 1
+
+    def _data_views(self, dma: GuardedDma, iov, write: bool) -> list[memoryview] | None:
+        """Views of a data buffer, or None (message mode, or a fault _execute will report)."""
+        try:
+            return dma.views(iov, write)
+        except Stopped:
+            raise
+        except Exception as exc:
+            if is_dma_error(exc):
+                return None
+            raise
+
+    def _count_status(self, status: int) -> None:
+        if status == VIRTIO_BLK_S_IOERR:
+            self.stats["ioerr"] += 1
+        elif status == VIRTIO_BLK_S_UNSUPP:
+            self.stats["unsupp"] += 1
+
     async def _execute(self, chain: Chain, dma: GuardedDma) -> int:
         """Carry out one request; returns the bytes written into the chain (incl. status)."""
         rlen, wlen = chain.readable_len, chain.writable_len
@@ -402,16 +715,13 @@ class VirtioBlkFunction(PciFunction):
             self.log.warning("virtio_blk_io_error", type=rtype, sector=sector,
                              errno=errno.errorcode.get(exc.errno, exc.errno), error=str(exc))
         except Exception as exc:
-            if not is_dma_error(exc):
+            if not is_dma_error(exc) or is_client_gone(exc):
                 raise
             # A data buffer outside driver memory: fail this request, keep the device.
             status, written = VIRTIO_BLK_S_IOERR, 0
             self.counters.errors["virtio_blk_dma"] += 1
             self.log.warning("virtio_blk_dma_fault", type=rtype, sector=sector, error=str(exc))
-        if status == VIRTIO_BLK_S_IOERR:
-            self.stats["ioerr"] += 1
-        elif status == VIRTIO_BLK_S_UNSUPP:
-            self.stats["unsupp"] += 1
+        self._count_status(status)
         await scatter(dma, status_iov, bytes([status]))
         return written + 1
 
@@ -428,14 +738,19 @@ class VirtioBlkFunction(PciFunction):
             if out_len or not self._in_range(sector, in_len):
                 return self._bad("read", sector, out_len, in_len), 0
             pos = sector * SECTOR
-            for off in range(0, in_len, IO_CHUNK):
-                n = min(IO_CHUNK, in_len - off)
-                # Cached data is copied right here (RWF_NOWAIT cannot block); the rest
-                # waits for a worker thread.
-                data = self.backing.pread_nowait(n, pos + off) if n <= NOWAIT_MAX else None
-                if data is None:
+            views = dma.views(in_iov, True)
+            if views is not None:
+                # Straight from the file into guest memory; the service waits for
+                # this thread before a reset lets the driver reuse the buffers.
+                got = self.backing.read_nowait(views, pos) if in_len <= NOWAIT_MAX else 0
+                if got < in_len:
+                    await self._thread(self.backing.read_into, _advance(views, got), pos + got)
+                dma.service.check()
+            else:
+                for off in range(0, in_len, IO_CHUNK):
+                    n = min(IO_CHUNK, in_len - off)
                     data = await self._thread(self.backing.pread, n, pos + off)
-                await scatter(dma, slice_iov(in_iov, off, n), data)
+                    await scatter(dma, slice_iov(in_iov, off, n), data)
             self.stats["reads"] += 1
             self.stats["bytes_read"] += in_len
             return VIRTIO_BLK_S_OK, in_len
@@ -443,20 +758,24 @@ class VirtioBlkFunction(PciFunction):
             if self.readonly or in_len or not self._in_range(sector, out_len):
                 return self._bad("write", sector, out_len, in_len), 0
             pos = sector * SECTOR
-            for off in range(0, out_len, IO_CHUNK):
-                n = min(IO_CHUNK, out_len - off)
-                data = await gather(dma, slice_iov(out_iov, off, n))
-                self.dirty = True
-                await self._thread(self.backing.pwrite, data, pos + off)
+            views = dma.views(out_iov, False)
+            self.dirty = True
+            if views is not None:
+                await self._thread(self.backing.write_from, views, pos)
+            else:
+                for off in range(0, out_len, IO_CHUNK):
+                    n = min(IO_CHUNK, out_len - off)
+                    data = await gather(dma, slice_iov(out_iov, off, n))
+                    await self._thread(self.backing.pwrite, data, pos + off)
             self.stats["writes"] += 1
             self.stats["bytes_written"] += out_len
             return VIRTIO_BLK_S_OK, 0
         if rtype == VIRTIO_BLK_T_FLUSH:
             self.stats["flushes"] += 1
-            if not self.readonly:
+            if not self.readonly and not self.backing.dsync:
                 self.dirty = False  # writes landing from now on need the next flush
                 try:
-                    await self._thread(self.backing.fsync)
+                    await self._thread(self.backing.flush)
                 except BaseException:
                     self.dirty = True
                     raise
@@ -508,6 +827,48 @@ class VirtioBlkFunction(PciFunction):
         self.log.info("virtio_blk_unsupported", type=rtype)
         return VIRTIO_BLK_S_UNSUPP
 
+    # ------------------------------------------------------------------ snapshot
+    def device_snapshot(self) -> "VirtioBlkSnapshot":
+        """Transport registers, ring positions, backing-file identity, dirty flag, stats.
+
+        Taken quiesced: a request in flight (a thread mid-I/O) cannot be captured.
+        """
+        if any(q.inflight or q.completed or q.publishing for q in self.queues.values()):
+            raise SnapshotError(f"virtio-blk {self.name} has requests in flight", errno.EBUSY)
+        running = self.service is not None and not self.service.stopped
+        dev, ino, capacity = self.backing.identity()
+        return VirtioBlkSnapshot(
+            transport=self.transport.snapshot(),
+            queues=tuple(q.snapshot() for _, q in sorted(self.queues.items())) if running else (),
+            backing=Fd(self.backing.fd), path=self.backing.path, dev=dev, ino=ino,
+            capacity=capacity, cache=self.backing.cache, readonly=self.readonly,
+            dirty=self.dirty, stats=dict(self.stats))
+
+    def device_restore(self, snap: "VirtioBlkSnapshot") -> None:
+        """Become the device ``snap`` was taken of; the queues run again if they ran.
+
+        This function was built from the same configuration and opened the disk
+        itself; the snapshot's fd only proves it is the same disk (and is closed).
+        Call it from inside trio (the queue service is a trio system task).
+        """
+        try:
+            expect(snap, VirtioBlkSnapshot)
+            st = os.fstat(snap.backing)
+            require((st.st_dev, st.st_ino) == (snap.dev, snap.ino),
+                    "the snapshot's backing fd is not the file it names")
+            require(self.backing.identity() == (snap.dev, snap.ino, snap.capacity),
+                    f"backing file {self.backing.path} is not the snapshot's {snap.path} "
+                    f"(device, inode or capacity differ)")
+            require((snap.cache, snap.readonly) == (self.backing.cache, self.readonly),
+                    "cache mode or read-only setting differs from the snapshot")
+            self.transport.restore(snap.transport)
+            self.dirty = snap.dirty
+            self.stats.update({k: v for k, v in snap.stats.items() if k in self.stats})
+            if snap.queues:
+                self._start_service(snap.queues)
+        finally:
+            snap.close_fds()
+
     # ------------------------------------------------------------------ lifecycle
     def reset_state(self) -> None:
         if hasattr(self, "transport"):
@@ -538,6 +899,7 @@ class VirtioBlkFunction(PciFunction):
         t = self.transport
         d["virtio"] = {
             "path": self.backing.path, "readonly": self.readonly, "capacity": self.capacity,
+            "cache": self.backing.cache, "bounced": self.backing.bounced,
             "status": t.status, "features": hex(t.features),
             "queues": [i for i, q in enumerate(t.queues) if q.enabled],
             **self.stats,
@@ -545,6 +907,21 @@ class VirtioBlkFunction(PciFunction):
         return d
 
 
-@register("virtio-blk")
+@attrs.frozen
+class VirtioBlkSnapshot(Snapshot):
+    KIND = "devices.virtio_blk"
+    transport: Snapshot
+    queues: tuple  # QueueSnapshot per running queue; empty when the queues do not run
+    backing: Fd
+    path: str
+    dev: int
+    ino: int
+    capacity: int
+    cache: str
+    readonly: bool
+    dirty: bool
+    stats: dict
+
+
 def make(name: str, **options) -> VirtioBlkFunction:
     return VirtioBlkFunction(name, **options)

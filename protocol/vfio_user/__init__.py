@@ -1,0 +1,1 @@
+"""The vfio-user wire protocol, sans-I/O: header, constants, messages, framing."""

@@ -1,0 +1,1 @@
+"""The PCI function model: config space and capabilities, MSI-X, the function."""

@@ -1,0 +1,1 @@
+"""The daemon as a service: configuration, control socket, metrics, systemd integration, CLIs."""

@@ -1,0 +1,1 @@
+"""Demo and benchmark programs built on the daemon and the VMM toolkit."""

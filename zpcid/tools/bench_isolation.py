@@ -1,0 +1,218 @@
+"""`zpcid bench`, isolation section: scaling across cores and memory per idle function.
+
+Both run the real daemon (``zpcid serve``: supervisor, zygote, one worker per
+function). Scaling: each function is driven by its own client process doing
+sequential REGION_READ round trips; 1 function (the baseline) and N functions
+alternate (A B A B), and the figure is N functions' aggregate rate. Memory:
+PSS/RSS from ``/proc/PID/smaps_rollup`` of every process of the daemon, with 1
+idle function and after adding more at run time; the marginal cost of one more
+function is the PSS growth divided by the functions added.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import trio
+
+from zpcid.devices.memory import REG_MAGIC
+from zpcid.service import ctl
+
+MiB = 1 << 20
+START_TIMEOUT = 60.0
+
+
+def _toml(rdir: str, functions: list[dict]) -> str:
+    lines = ["[daemon]", f'runtime-dir = "{rdir}"', 'log-level = "error"', 'log-format = "json"']
+    for f in functions:
+        lines += ["", "[[function]]"] + [f"{k} = {v!r}" if not isinstance(v, str) else f'{k} = "{v}"'
+                                         for k, v in f.items()]
+    return "\n".join(lines) + "\n"
+
+
+def memfn(fid: int) -> dict:
+    return {"type": "memory", "fid": fid, "uid": fid, "name": f"f{fid:x}", "ram-size": 65536}
+
+
+class Daemon:
+    """``zpcid serve`` in a temporary runtime directory."""
+
+    def __init__(self, base: str, functions: list[dict]):
+        self.rdir = os.path.join(base, "run")
+        path = os.path.join(base, "zpcid.toml")
+        with open(path, "w") as f:
+            f.write(_toml(self.rdir, functions))
+        self.control = os.path.join(self.rdir, "control.sock")
+        self.log = open(os.path.join(base, "zpcid.log"), "wb")
+        self.proc = subprocess.Popen([sys.executable, "-m", "zpcid.cli", "serve", "--config", path],
+                                     stdout=self.log, stderr=subprocess.STDOUT)
+        self.wait_serving(len(functions))
+
+    def wait_serving(self, n: int) -> list[dict]:
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"daemon exited with {self.proc.returncode}")
+            try:
+                rows = ctl.request(self.control, "list")
+                if len(rows) == n and all(r["state"] == "serving" for r in rows):
+                    return rows
+            except ctl.CtlError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("daemon functions did not come up")
+            time.sleep(0.05)
+
+    def socket(self, fid: int) -> str:
+        return os.path.join(self.rdir, f"f{fid:x}.sock")
+
+    def close(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+
+
+# ---------------------------------------------------------------- scaling
+def client_main(path: str, seconds: float) -> None:
+    """One VMM stand-in: REGION_READ round trips for ``seconds``; prints how many."""
+    from zpcid.vmm import client as vclient
+
+    async def main() -> int:
+        async with vclient.connect(path) as c:
+            for _ in range(200):  # warm-up: attach done, caches hot
+                await c.region_read(4, REG_MAGIC, 4)
+            n = 0
+            end = time.perf_counter() + seconds
+            while time.perf_counter() < end:
+                for _ in range(50):
+                    await c.region_read(4, REG_MAGIC, 4)
+                n += 50
+            return n
+
+    print(trio.run(main), flush=True)
+
+
+def _drive(paths: list[str], seconds: float) -> float:
+    """Aggregate round trips per second of one client process per path, run together."""
+    procs = [subprocess.Popen([sys.executable, "-m", "zpcid.tools.bench_isolation", "--client", p,
+                               str(seconds)], stdout=subprocess.PIPE, text=True) for p in paths]
+    total = 0
+    for p in procs:
+        out, _ = p.communicate(timeout=START_TIMEOUT + seconds)
+        if p.returncode != 0:
+            raise RuntimeError("benchmark client failed")
+        total += int(out.strip())
+    return total / seconds
+
+
+def bench_scaling(rep, quick: bool, n_functions: int = 2) -> None:
+    rounds, seconds = (2, 1.0) if quick else (6, 3.0)
+    with tempfile.TemporaryDirectory(prefix="zpcid-iso-") as base:
+        d = Daemon(base, [memfn(i + 1) for i in range(n_functions)])
+        try:
+            paths = [d.socket(i + 1) for i in range(n_functions)]
+            one, many = [], []
+            for r in range(rounds):
+                rep.progress(f"scaling: 1 vs {n_functions} functions, round {r + 1}/{rounds}")
+                one.append(_drive(paths[:1], seconds))
+                many.append(_drive(paths, seconds))
+        finally:
+            d.close()
+    rep.add("isolation", "REGION_READ, 1 function (one client)", statistics.median(one), "msg/s",
+            samples=one)
+    rep.add("isolation", f"REGION_READ, {n_functions} functions in parallel (aggregate)",
+            statistics.median(many), "msg/s", baseline=statistics.median(one),
+            baseline_name="1 function", samples=many,
+            target=f"~{min(n_functions, os.cpu_count() or 1)}x on {os.cpu_count()} cores")
+
+
+# ---------------------------------------------------------------- memory
+def _rollup(pid: int) -> dict[str, int]:
+    out = {}
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) == 3 and parts[2] == "kB":
+                out[parts[0].rstrip(":")] = int(parts[1]) * 1024
+    return out
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        kids.append(int(entry))
+            except (OSError, ValueError, IndexError):
+                pass
+    return kids
+
+
+def daemon_memory(supervisor: int, workers: list[int]) -> dict[str, float]:
+    zygotes = [p for p in _children(supervisor) if p not in workers]
+    sup, wk = _rollup(supervisor), [_rollup(p) for p in workers]
+    zy = [_rollup(p) for p in zygotes]
+    return {"total_pss": sup["Pss"] + sum(z["Pss"] for z in zy) + sum(w["Pss"] for w in wk),
+            "supervisor_pss": sup["Pss"], "zygote_pss": sum(z["Pss"] for z in zy),
+            "worker_pss": statistics.mean(w["Pss"] for w in wk),
+            "worker_rss": statistics.mean(w["Rss"] for w in wk)}
+
+
+def measure_memory(extra: int = 8, settle: float = 1.0) -> dict[str, float]:
+    """PSS of the whole daemon with 1 idle function and with 1 + ``extra``."""
+    with tempfile.TemporaryDirectory(prefix="zpcid-iso-") as base:
+        d = Daemon(base, [memfn(1)])
+        try:
+            time.sleep(settle)
+            rows = d.wait_serving(1)
+            before = daemon_memory(d.proc.pid, [r["pid"] for r in rows])
+            for i in range(extra):
+                ctl.request(d.control, "add", {"function": memfn(2 + i)})
+            rows = d.wait_serving(1 + extra)
+            time.sleep(settle)
+            after = daemon_memory(d.proc.pid, [r["pid"] for r in rows])
+        finally:
+            d.close()
+    return {"one": before, "many": after, "extra": extra,
+            "marginal_pss": (after["total_pss"] - before["total_pss"]) / extra}
+
+
+def bench_memory(rep, quick: bool) -> None:
+    rep.progress("memory per idle function")
+    m = measure_memory(extra=4 if quick else 8)
+    rep.add("memory", "PSS per additional idle function", m["marginal_pss"] / MiB, "MiB",
+            higher_is_better=False, target="<= 25 MiB")
+    many = m["many"]
+    rep.add("memory", f"worker PSS (idle, {1 + m['extra']} workers)", many["worker_pss"] / MiB, "MiB",
+            higher_is_better=False)
+    rep.add("memory", "worker RSS (idle)", many["worker_rss"] / MiB, "MiB", higher_is_better=False)
+    rep.add("memory", "supervisor PSS", many["supervisor_pss"] / MiB, "MiB", higher_is_better=False)
+    rep.add("memory", "zygote PSS", many["zygote_pss"] / MiB, "MiB", higher_is_better=False)
+    rep.add("memory", "whole daemon PSS, 1 idle function", m["one"]["total_pss"] / MiB, "MiB",
+            higher_is_better=False)
+    rep.add("memory", f"whole daemon PSS, {1 + m['extra']} idle functions", many["total_pss"] / MiB,
+            "MiB", higher_is_better=False)
+
+
+def run(rep, quick: bool) -> None:
+    bench_scaling(rep, quick)
+    bench_memory(rep, quick)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "--client":
+        client_main(sys.argv[2], float(sys.argv[3]))
+    else:
+        sys.exit("usage: python -m zpcid.tools.bench_isolation --client SOCKET SECONDS")

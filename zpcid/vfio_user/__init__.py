@@ -1,0 +1,1 @@
+"""vfio-user server side: transport, endpoint, per-function socket server, DMA space, regions, IRQs."""

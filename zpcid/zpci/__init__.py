@@ -1,0 +1,1 @@
+"""The zPCI layer of a function: CLP data, instructions, shadow IOMMU, direct map, adapter interrupts."""
