@@ -75,7 +75,10 @@ class Daemon:
         env = {k: v for k, v in os.environ.items()
                if k not in ("NOTIFY_SOCKET", "RUNTIME_DIRECTORY", "WATCHDOG_USEC", "WATCHDOG_PID")}
         self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([*_command("zpcid", "zpcid.cli"), "serve", "--config", str(config),
+        # ZPCID_OFFLOAD_DAEMON: another zpcid (e.g. a branch's build) to test against.
+        daemon = os.environ.get("ZPCID_OFFLOAD_DAEMON")
+        cmd = [daemon] if daemon else _command("zpcid", "zpcid.cli")
+        self.proc = subprocess.Popen([*cmd, "serve", "--config", str(config),
                                       "--log-format", "json"],
                                      stdout=self._log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + START_TIMEOUT
