@@ -36,6 +36,9 @@ class MemoryTransport:
         self._out: collections.deque[tuple[bytes, Sequence[int]]] = collections.deque()
         self._queued = 0
 
+    def fileno(self) -> int:
+        return -1  # no descriptor: a snapshot of this transport names none
+
     async def recv(self) -> tuple[bytes, list[int]]:
         pipe = self.inbound
         while not pipe.chunks:

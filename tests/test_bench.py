@@ -4,22 +4,78 @@ import json
 import subprocess
 import sys
 
+import pytest
 
-def test_bench_quick_json():
+from zpcid.tools import bench, floor
+
+
+def test_bench_quick_json(tmp_path):
     out = subprocess.run([sys.executable, "-m", "zpcid.cli", "bench", "--quick", "--json", "--quiet"],
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     doc = json.loads(out.stdout)
+    assert doc["version"] == bench.JSON_VERSION
     rows = {f"{r['group']}: {r['name']}": r for r in doc["rows"]}
-    for name in ("baseline: raw socketpair round trip (2 processes)",
-                 "round trip: one-page RPCIT via mailbox",
+    for name in ("message path: REGION_READ config space, round trip",
+                 "message path: one-page RPCIT intercept, round trip",
+                 "server CPU: zpcid per REGION_READ",
                  "RPCIT: shadow 64 MiB",
-                 "direct map: enable for 64 GiB guest",
+                 "direct map: enable for a 64 GiB guest",
                  "DMA copy: 16 MiB via direct",
                  "DMA copy: 16 MiB via shadow",
-                 "DMA_MAP: pipelined burst with fd (same memfd)"):
+                 "pipelined: DMA_MAP burst with fd (boot)",
+                 "isolation: REGION_READ, 2 functions, one process each (aggregate)",
+                 "memory: PSS per additional idle function"):
         assert name in rows, sorted(rows)
     for r in doc["rows"]:
         assert r["value"] > 0 and all(s > 0 for s in r["samples"])
+        assert r["min"] <= r["value"] <= r["max"]
         if r["baseline"] is not None:
-            assert r["baseline"] > 0 and r["ratio"] > 0
+            assert r["ratio"] > 0
+            if r["group"] in ("message path", "server CPU", "pipelined", "RPCIT", "direct map", "DMA copy"):
+                # Interleaved: one baseline batch per figure batch.
+                assert len(r["baseline_samples"]) == len(r["samples"]), r["name"]
+    # The server's CPU time was measured, not the client's: the daemon did work.
+    assert rows["server CPU: zpcid per REGION_READ"]["value"] > 0
+    old = tmp_path / "old.json"
+    old.write_text(out.stdout)
+    rep = bench.Report(quiet=True)
+    for r in doc["rows"]:
+        rep.add(bench.Row(r["group"], r["name"], r["unit"], [v * 2 for v in r["samples"]],
+                          r["baseline_samples"], r["baseline_name"], r["higher_is_better"], r["target"]))
+    text = bench.compare(json.loads(old.read_text()), rep)
+    line = next(line for line in text.splitlines() if line.startswith("server CPU: zpcid per REGION_READ"))
+    assert "+100.0%" in line and "WORSE" in line  # twice the CPU time
+    line = next(line for line in text.splitlines() if line.startswith("RPCIT: shadow 64 MiB"))
+    assert "+100.0%" in line and "better" in line  # twice the rate
+
+
+def test_rows_report_cost_against_the_baseline():
+    t = bench.Row("g", "time", "us", [10, 30, 20], [10, 10, 10])
+    assert t.value == 20 and t.ratio == 2.0 and t.spread == 100.0
+    r = bench.Row("g", "rate", "msg/s", [50, 50], [100, 100], higher_is_better=True)
+    assert r.ratio == 2.0  # half the rate costs twice the time
+    assert bench.Row("g", "alone", "bytes", [8]).ratio is None
+
+
+def test_interleave_alternates_figure_and_baseline():
+    calls = []
+    a, b = bench.interleave(3, lambda: calls.append("A") or 1.0, lambda: calls.append("B") or 2.0)
+    assert calls == ["A", "B"] * 3 and a == [1.0] * 3 and b == [2.0] * 3
+
+
+@pytest.mark.parametrize("kind", ["echo", "blocking", "trio"])
+def test_responders_answer_a_blocking_client_and_spend_cpu(kind, tmp_path):
+    r = floor.Responder(kind, str(tmp_path))
+    try:
+        peer = floor.BlockingPeer.connect(r.path)
+        peer.negotiate()
+        before = floor.cpu_seconds(r.pid)
+        reply = bytes(peer.call(floor.REGION_READ, floor.region_read(7, 0x10, 4)))
+        if kind != "echo":
+            assert reply == floor.region_read(7, 0x10, 4) + bytes(4)
+        floor.round_trips(peer, floor.REGION_READ, floor.region_read(7, 0, 4), 200)
+        assert floor.cpu_seconds(r.pid) > before
+        peer.close()
+    finally:
+        r.close()

@@ -3,7 +3,6 @@ client Connection: the message path without a socket, including a send buffer of
 
 import contextlib
 import errno
-import os
 import struct
 
 import trio
@@ -12,7 +11,7 @@ from helpers import open_fds
 from memory_transport import transport_pair
 from protocol.vfio_user import messages as M
 from protocol.vfio_user.connection import Connection, Reply, Request, Role
-from protocol.vfio_user.header import Command, Flags
+from protocol.vfio_user.header import Command
 from zpcid.devices.memory import (DMA_CMD_FROM_HOST, DMA_CMD_TO_HOST, MAGIC, REG_DMA_ADDR, REG_DMA_CMD,
                                   REG_DMA_LEN, REG_DMA_STATUS, REG_MAGIC, REG_SCRATCH, MemoryFunction)
 from zpcid.vfio_user.endpoint import Endpoint
@@ -169,3 +168,35 @@ async def test_client_leaving_while_the_device_waits_fails_the_dma_as_gone():
         (exc,) = failures
         assert exc.client_gone and exc.errno == errno.EFAULT
         assert str(exc) == "DMA read 0x20000+0x40: client went away"
+
+
+async def test_snapshot_keeps_commands_read_but_not_served():
+    """Quiesced while a handler waits for its DMA reply: the command read behind it
+    is neither served nor lost, it is in the snapshot's unread bytes."""
+    async with session() as (fn, ep, peer, done):
+        await peer.call(Command.DMA_MAP, M.DmaMap(32, 3, 0, 0x20000, 0x1000).pack())
+        await peer.call(Command.REGION_WRITE, wr(REG_DMA_ADDR, struct.pack("<Q", 0x20000)))
+        await peer.call(Command.REGION_WRITE, wr(REG_DMA_LEN, struct.pack("<I", 8)))
+        cmd_id, dma_cmd = peer.conn.send_request(Command.REGION_WRITE,
+                                                 wr(REG_DMA_CMD, struct.pack("<I", DMA_CMD_TO_HOST)))
+        later_id, later = peer.conn.send_request(Command.REGION_READ, rd(REG_MAGIC, 4))
+        await peer.t.send([dma_cmd + later])  # one read brings both
+        req = await peer.next_event()
+        assert req.msg.header.cmd == Command.DMA_WRITE
+        async with trio.open_nursery() as nursery:
+            quiesced = []
+
+            async def quiesce():
+                quiesced.append(await ep.quiesce())
+
+            nursery.start_soon(quiesce)
+            await trio.sleep(0.01)
+            await peer.t.send([peer.conn.reply(req.msg, M.DmaAccess(0x20000, 8).pack())])
+        assert quiesced == [True]
+        first = await peer.next_event()
+        assert first.msg.header.msg_id == cmd_id
+        snap = await ep.snapshot()
+        assert snap.unread == later
+        ep.resume()
+        second = await peer.next_event()
+        assert second.msg.header.msg_id == later_id

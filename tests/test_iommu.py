@@ -8,6 +8,7 @@ way Linux's s390 IOMMU driver writes them.
 import struct
 
 import numpy as np
+import trio
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
@@ -960,3 +961,69 @@ def test_small_walk_reads_tables_at_the_end_of_memory_like_the_vectorised_walk()
         assert (r.error, r.mapped) == (None, 2) and twin.scalar.lookup(1920 * MiB - 4096) == (0x201000, True)
     finally:
         twin.close()
+
+
+# ------------------------------------------------------------------ sliced RPCIT == one walk
+# rpcit_sliced refreshes big ranges slice by slice with checkpoints between them
+# (issue 12 row 7); forced to tiny slices it must leave the same shadow and
+# report the same error as one walk.
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=st.lists(st.tuples(st.sampled_from(["map", "map_ro", "unmap"]),
+                              st.integers(0, 40), st.integers(1, 300), st.integers(0, 100)),
+                    min_size=1, max_size=12),
+       window=st.tuples(st.integers(0, 60), st.integers(1, 64)),
+       limit=st.sampled_from([65535, 300, 40]))
+def test_sliced_rpcit_equals_one_walk(monkeypatch, ops, window, limit):
+    import zpcid.zpci.iommu as iommu
+
+    monkeypatch.setattr(iommu, "SLICE_MIN", 4096)
+    monkeypatch.setattr(iommu, "SLICE_START", 64 * 1024)
+    monkeypatch.setattr(iommu, "SLICE_TARGET", 0.0)  # never grow: many slices
+    one, sliced = Guest(limit=limit), Guest(limit=limit)
+    try:
+        for t in (one.tables, sliced.tables):
+            for op, seg, n, gpa in ops:
+                iova = seg * MiB + (gpa % 7) * 4096
+                if op == "unmap":
+                    t.unmap(iova, n)
+                else:
+                    t.map(iova, gpa * 4096, n, writable=op == "map")
+        start, length = window[0] * MiB + 0x800, window[1] * MiB
+        r1 = one.rpcit(start, length)
+        r2 = trio.run(iommu.rpcit_sliced, sliced.shadow, sliced.space, sliced.tables.iota,
+                      sliced.pba, sliced.pal, start, length)
+        sliced.shadow.check()
+        assert one.shadow.ranges() == sliced.shadow.ranges()
+        assert (r1.error and (r1.error.pec, r1.error.iova)) == (r2.error and (r2.error.pec, r2.error.iova))
+        assert r1.insufficient_resources == r2.insufficient_resources
+    finally:
+        one.close()
+        sliced.close()
+
+
+async def test_sliced_rpcit_lets_other_tasks_run():
+    import zpcid.zpci.iommu as iommu
+
+    g = Guest()
+    try:
+        g.tables.map(0, 0x10000, 16)
+        g.tables.map(40 * GiB, 0x10000, 16)
+        ran = 0
+
+        async def other():
+            nonlocal ran
+            while True:
+                ran += 1
+                await trio.lowlevel.checkpoint()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(other)
+            await trio.lowlevel.checkpoint()
+            before = ran
+            r = await iommu.rpcit_sliced(g.shadow, g.space, g.tables.iota, g.pba, g.pal, 0, 64 * GiB)
+            nursery.cancel_scope.cancel()
+        assert r.error is None and g.shadow.mapped == 32
+        assert ran - before >= 2  # the refresh yielded between slices
+    finally:
+        g.close()

@@ -1,18 +1,21 @@
 """Stream framing: bytes plus received file descriptors in, whole messages out."""
 
 import errno
-
-import attrs
+from typing import NamedTuple
 
 from protocol.errors import ProtocolError
 from protocol.vfio_user.header import HEADER, HEADER_SIZE, Header
+
+_make_header = Header._make
+_unpack_header = HEADER.unpack_from
 
 # Room for a maximal data transfer plus the largest fixed part of any message.
 DEFAULT_MAX_MSG_SIZE = HEADER_SIZE + 64 + (1 << 20)
 
 
-@attrs.frozen(slots=True)
-class Message:
+class Message(NamedTuple):
+    """One complete message (a tuple: made once per message, so it must be cheap)."""
+
     header: Header
     payload: bytes
     fds: tuple[int, ...] = ()
@@ -55,21 +58,24 @@ class Framer:
         """Descriptors attached to messages not yet complete (to close on teardown)."""
         return [fd for fds in self._fds.values() for fd in fds]
 
-    def _header_at(self, pos: int) -> Header:
-        msg_id, cmd, msg_size, flags, error_no = HEADER.unpack_from(self._buf, pos)
+    def _header_at(self, pos: int, buf=None) -> Header:
+        hdr = _make_header(_unpack_header(self._buf if buf is None else buf, pos))
+        msg_size = hdr.msg_size
         if msg_size < HEADER_SIZE:
             raise ProtocolError(f"msg_size {msg_size} smaller than the header", fatal=True)
         if msg_size > self.max_msg_size:
             raise ProtocolError(
                 f"msg_size {msg_size} exceeds limit {self.max_msg_size}", errno.E2BIG, fatal=True
             )
-        return Header(msg_id, cmd, msg_size, flags, error_no)
+        return hdr
 
     def feed(self, data: bytes, fds: tuple[int, ...] | list[int] = ()) -> list[Message]:
         """Add received bytes (and the fds that came with them); return complete messages.
 
         On a fatal ``ProtocolError`` the caller still owns ``fds`` and must close them.
         """
+        if not fds and not self._buf:
+            return self._feed_whole(data)
         buf = self._buf
         chunk_start = len(buf)
         buf += data
@@ -86,6 +92,21 @@ class Framer:
                 raise ProtocolError("file descriptors received without a message start", fatal=True)
             self._fds[last] = self._fds.get(last, ()) + tuple(fds)
         return self._drain()
+
+    def _feed_whole(self, data: bytes) -> list[Message]:
+        """The common case: nothing buffered, no descriptors; slice messages out of ``data``."""
+        out: list[Message] = []
+        pos, end = 0, len(data)
+        while end - pos >= HEADER_SIZE:
+            hdr = self._header_at(pos, data)
+            stop = pos + hdr.msg_size
+            if stop > end:
+                break
+            out.append(Message(hdr, data[pos + HEADER_SIZE : stop]))
+            pos = stop
+        if pos < end:
+            self._buf += memoryview(data)[pos:]
+        return out
 
     def _drain(self) -> list[Message]:
         out: list[Message] = []

@@ -2,8 +2,7 @@
 
 import enum
 import struct
-
-import attrs
+from typing import NamedTuple
 
 from protocol.errors import ProtocolError
 
@@ -45,8 +44,9 @@ class Flags:
 KNOWN_FLAG_BITS = Flags.TYPE_MASK | Flags.NO_REPLY | Flags.ERROR
 
 
-@attrs.frozen(slots=True)
-class Header:
+class Header(NamedTuple):
+    """A decoded header (a tuple: made once per message, so it must be cheap)."""
+
     msg_id: int
     cmd: int
     msg_size: int
@@ -72,8 +72,7 @@ class Header:
     def unpack(cls, data: bytes | memoryview) -> "Header":
         if len(data) < HEADER_SIZE:
             raise ProtocolError("truncated header", fatal=True)
-        msg_id, cmd, msg_size, flags, error_no = HEADER.unpack_from(data)
-        return cls(msg_id, cmd, msg_size, flags, error_no)
+        return cls._make(HEADER.unpack_from(data))
 
 
 def pack_header(msg_id: int, cmd: int, payload_len: int, flags: int = 0, error_no: int = 0) -> bytes:

@@ -246,3 +246,93 @@ async def test_row5_connection_flood_under_a_low_fd_limit(daemons):
         while daemon_fds(d) > baseline:
             await trio.sleep(0.1)
     assert "function_failed" not in d.log()
+
+
+# ---------------------------------------------------------------------- rows 4 and 7
+async def probes_while(probe, busy) -> int:
+    """How often ``probe()`` completes while ``busy()`` runs.
+
+    The probe is served by the attacked function's own worker loop (``zpcictl
+    show`` goes there over the supervisor's channel): a loop held for the whole
+    attack answers none of them until the work is done.
+    """
+    n = 0
+    done = trio.Event()
+
+    async def watch():
+        await busy()
+        done.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(watch)
+        with trio.fail_after(GENEROUS * 3):
+            while not done.is_set():
+                await probe()
+                n += 1
+    return n
+
+
+def show_probe(d, fid: int):
+    async def probe():
+        info = await trio.to_thread.run_sync(d.ctl_json, "show", hex(fid))
+        assert info["attached"]
+    return probe
+
+
+async def test_row4_huge_dma_engine_ring_does_not_hold_the_loop(daemons):
+    from zpcid.devices import dma_engine as de
+
+    d = daemons(functions=[{"type": "dma-engine", "fid": 1, "uid": 1, "name": "f1"}, memfn(2)]).start()
+    mem_size, ring = 64 << 20, (64 << 20) - 4096
+    with Memfd(mem_size, "zpcid-test-guest") as mem:
+        descs = b"".join(de.DESC.pack(de.OP_CRC32C, 0, 64 << 20, 0, 0, 0, 0) for _ in range(16))
+        mem.write(ring, descs)
+        async with zclient.connect(d.socket("f1")) as a:
+            await a.region_write(7, 4, struct.pack("<H", 0x6))  # bus master
+            await a.dma_map(0, mem_size, mem.fd, 0)
+            await a.region_write(0, de.REG_RING_BASE, struct.pack("<QII", ring, 16, 0), via_mmap=False)
+
+            async def ring_runs():
+                await a.region_write(0, de.REG_RING_TAIL, struct.pack("<I", 16), via_mmap=False)
+                while True:
+                    status, = struct.unpack("<I", await a.region_read(0, de.REG_STATUS, 4, via_mmap=False))
+                    if not status & de.STATUS_BUSY:
+                        assert de.status_error(status) == 0
+                        return
+                    await trio.sleep(0.005)
+
+            n = await probes_while(show_probe(d, 1), ring_runs)
+            completed, = struct.unpack("<I", await a.region_read(0, de.REG_COMPLETED, 4, via_mmap=False))
+            assert completed == 16
+    assert n >= 3, f"the function's loop answered {n} control requests while 1 GiB was CRC'd"
+    await assert_healthy(d, "f2")
+
+
+async def test_row7_pathological_rpcit_does_not_hold_the_loop(daemons):
+    from zpcid.vmm import model
+
+    # A DMA limit that covers a 64 GiB aperture (SDMA + limit pages).
+    d = daemons(functions=[memfn(1, **{"dma-limit": 1 << 24, "relaxed-translation": False}),
+                           memfn(2)]).start()
+    sdma, size = 1 << 32, 64 << 30
+    async with model.attach(d.socket("f1"), guest_memory=64 << 20) as vmm:
+        t = vmm.tables(32 << 20, 16 << 20)
+        # One valid page in each 1 MiB segment of the first 2 GiB ...
+        for seg in range(2048):
+            t.map(sdma + (seg << 20), 0x10000, 1)
+        # ... and the other 31 region-third entries of the aperture share those tables.
+        first = t.root + 8 * (sdma >> 31)
+        rte = t.read_u64(first)
+        for i in range(1, size >> 31):
+            t.write_u64(first + 8 * i, rte)
+        r = await vmm.register_translation(sdma, sdma + size - 1, t.iota)
+        assert (r.cc, r.exception) == (0, 0)
+
+        async def refresh():
+            res = await vmm.box.rpcit(sdma, size)
+            assert (res.result, res.cc) == (0, 0)
+
+        n = await probes_while(show_probe(d, 1), refresh)
+        assert d.ctl_json("show", "0x1")["zpci"]["shadow_mappings"] == 65536
+    assert n >= 3, f"the function's loop answered {n} control requests during one RPCIT of 64 GiB"
+    await assert_healthy(d, "f1", "f2")

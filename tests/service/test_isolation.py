@@ -74,6 +74,10 @@ async def test_sigkill_worker_only_its_vmm_notices(daemons):
     m = metrics(d.ctl("metrics")[1])
     assert m[("zpcid_worker_restarts_total", (("fid", "0x1"),))] == 1
     assert m[("zpcid_worker_restarts_total", (("fid", "0x2"),))] == 0
+    # Each worker reports its own process's memory (not the supervisor's).
+    with open(f"/proc/{pids[1]}/statm") as f:
+        rss2 = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    assert 0.5 * rss2 < m[("zpcid_worker_resident_memory_bytes", (("fid", "0x2"),))] < 2 * rss2
     assert d.ctl_json("stats")["worker_restarts"] == 1
     died = [e for e in d.events() if e["event"] == "worker_died"]
     assert len(died) == 1

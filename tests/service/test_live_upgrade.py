@@ -10,6 +10,7 @@ import signal
 import struct
 import subprocess
 
+import pytest
 import trio
 
 from protocol.vfio_user import consts as C
@@ -168,4 +169,43 @@ async def test_killed_worker_closes_its_vmm_at_once_others_untouched(daemons):
             for fd in fds3:
                 os.close(fd)
     finally:
+        mem.close()
+
+
+def _real_systemd() -> str | None:
+    """Why the real-systemd test cannot run here, or None if it can."""
+    try:
+        with open("/proc/1/comm") as f:
+            if f.read().strip() != "systemd":
+                return "systemd is not PID 1 on this machine"
+    except OSError:
+        return "cannot tell what PID 1 is"
+    if os.geteuid() != 0:
+        return "needs root to start a transient system unit"
+    out = subprocess.run(["systemctl", "--version"], capture_output=True, text=True).stdout.split()
+    if len(out) < 2 or not out[1].isdigit() or int(out[1]) < 254:
+        return "needs systemd >= 254 ($FDSTORE, FileDescriptorStorePreserve=)"
+    return None
+
+
+@pytest.mark.skipif(_real_systemd() is not None, reason=str(_real_systemd()))
+async def test_real_systemd_restart_keeps_the_vmm(daemons):
+    d = daemons()
+    unit = f"zpcid-live-test-{os.getpid()}"
+    subprocess.run(["systemd-run", f"--unit={unit}", "-p", "Type=notify", "-p", "NotifyAccess=main",
+                    "-p", "KillMode=mixed", "-p", "FileDescriptorStoreMax=1024",
+                    "-p", "FileDescriptorStorePreserve=restart",
+                    *ZPCID, "serve", "--config", d.config_path, "--log-format", "json"], check=True)
+    mem = Memfd(1 << 20)
+    try:
+        async with vclient.connect(d.socket("f1")) as c:
+            fds = await prepare(c, mem)
+            await c.region_write(4, Mem.REG_SCRATCH, struct.pack("<I", 0x5D))
+            await trio.to_thread.run_sync(
+                lambda: subprocess.run(["systemctl", "restart", unit], check=True, timeout=60))
+            await works(c, mem, fds, 0x5D, 1)
+            for fd in fds:
+                os.close(fd)
+    finally:
+        subprocess.run(["systemctl", "stop", unit], timeout=60)
         mem.close()

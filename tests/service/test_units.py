@@ -27,13 +27,18 @@ def test_unit_verifies(tmp_path, unit, name):
     (tmp_path / name).write_text(text.replace("/usr/local/bin/zpcid", ZPCID[0]))
     res = subprocess.run([ANALYZE, "verify", str(tmp_path / name)], capture_output=True, text=True,
                          timeout=60)
-    ours = [line for line in (res.stdout + res.stderr).splitlines() if name in line]
+    # Keys of a newer systemd than the one installed are reported and ignored, as the
+    # unit says; anything else about the unit is a finding.
+    newer = ("Unknown key 'FileDescriptorStorePreserve'",)  # systemd 254
+    ours = [line for line in (res.stdout + res.stderr).splitlines()
+            if name in line and not any(k in line for k in newer)]
     assert res.returncode == 0 and ours == [], res.stdout + res.stderr
     for key in ("Type=notify", "WatchdogSec=", "RuntimeDirectory=zpcid", "NoNewPrivileges=yes",
                 "ProtectSystem=strict", "ProtectHome=yes", "PrivateTmp=yes", "PrivateDevices=yes",
                 "ProtectKernelTunables=yes", "ProtectKernelModules=yes", "RestrictAddressFamilies=AF_UNIX",
                 "RestrictNamespaces=yes", "LockPersonality=yes", "CapabilityBoundingSet=\n",
-                "LimitNOFILE=65536", "KillMode=mixed"):
+                "LimitNOFILE=65536", "KillMode=mixed", "FileDescriptorStoreMax=",
+                "FileDescriptorStorePreserve=restart"):
         assert key in text, key
 
 

@@ -43,6 +43,11 @@ DESC = struct.Struct("<HHIQQII")  # op, flags, len, src, dst, result, status
 DESC_F_IRQ = 1
 DESC_ST_OK, DESC_ST_ERROR = 1, 0x80
 MAX_RING = 4096
+# Work between two checkpoints: one operation of up to max_transfer bytes (64 MiB
+# by default, a ring holds thousands) runs as slices of this size, so neither
+# this function's session nor anything else on the loop waits for more than one
+# slice (well under a millisecond of memcpy/CRC).
+SLICE = 256 << 10
 
 
 class DescriptorError(Exception):
@@ -125,16 +130,29 @@ class DmaEngine(PciFunction):
         if length == 0 or length > self.max_transfer:
             raise DescriptorError(f"length {length} not in 1..{self.max_transfer}")
         path = self.dma_path
+        checkpoint = trio.lowlevel.checkpoint
         if op == OP_COPY:
-            await path.copy(dst, src, length)
+            offsets = range(0, length, SLICE)
+            if src < dst < src + length:
+                offsets = reversed(offsets)  # overlapping upwards: like memmove, back to front
+            for off in offsets:
+                await path.copy(dst + off, src + off, min(SLICE, length - off))
+                await checkpoint()
             return 0
         if op == OP_FILL:
             pat = pattern.to_bytes(8, "little")
-            data = (pat * (length // 8 + 1))[:length]
-            await path.write(dst, data)
+            data = pat * (min(length, SLICE) // 8 + 1)
+            for off in range(0, length, SLICE):
+                n = min(SLICE, length - off)
+                await path.write(dst + off, memoryview(data)[:n])
+                await checkpoint()
             return 0
         if op == OP_CRC32C:
-            return crc32c(await path.read(src, length))
+            crc = 0
+            for off in range(0, length, SLICE):
+                crc = crc32c(await path.read(src + off, min(SLICE, length - off)), crc)
+                await checkpoint()
+            return crc
         raise DescriptorError(f"unknown operation {op}")
 
     def _status(self, error: int, busy: bool = False) -> None:

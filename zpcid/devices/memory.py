@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import struct
 
+import trio
+
 import attrs
 
 from zpcid.vfio_user.dma import DmaFault
@@ -31,6 +33,7 @@ REG_MAGIC, REG_VERSION, REG_SCRATCH, REG_DOORBELL, REG_RINGS = 0x00, 0x04, 0x08,
 REG_RAM_SIZE, REG_DMA_ADDR, REG_DMA_LEN, REG_DMA_CMD, REG_DMA_STATUS = 0x18, 0x20, 0x28, 0x2C, 0x30
 DMA_CMD_TO_HOST, DMA_CMD_FROM_HOST = 1, 2
 DMA_STATUS_OK, DMA_STATUS_FAULT, DMA_STATUS_BUSY = 0, 1, 2
+DMA_SLICE = 4 << 20  # a few ms of copying at most
 
 DEFAULT_VENDOR = 0x1014  # test IDs, documented in docs/configuration.md
 DEFAULT_DEVICE = 0xFE00
@@ -103,12 +106,17 @@ class MemoryFunction(PciFunction):
         status = 0
         try:
             # Through dma_path, so a zPCI IOMMU in front of the client's map applies.
-            if cmd == DMA_CMD_TO_HOST:
-                await self.dma_path.write(addr, await self.ram.read(0, length))
-            elif cmd == DMA_CMD_FROM_HOST:
-                await self.ram.write(0, await self.dma_path.read(addr, length))
-            else:
+            if cmd not in (DMA_CMD_TO_HOST, DMA_CMD_FROM_HOST):
                 status = 1
+            # In slices with a checkpoint between them: a large RAM BAR must not
+            # hold the event loop for the whole copy.
+            for off in range(0, length if status == 0 else 0, DMA_SLICE):
+                n = min(DMA_SLICE, length - off)
+                if cmd == DMA_CMD_TO_HOST:
+                    await self.dma_path.write(addr + off, await self.ram.read(off, n))
+                else:
+                    await self.ram.write(off, await self.dma_path.read(addr + off, n))
+                await trio.lowlevel.checkpoint()
         except DmaFault as exc:
             self.log.warning("dma_fault", error=str(exc))
             status = 1

@@ -62,12 +62,13 @@ OUTHDR = struct.Struct("<IIQ")  # struct virtio_blk_outhdr: type, ioprio, sector
 DWZ_SEG = struct.Struct("<QII")  # struct virtio_blk_discard_write_zeroes
 CONFIG_SIZE = 0x3C  # struct virtio_blk_config up to write_zeroes_may_unmap
 IO_CHUNK = 1 << 20  # bytes staged per step where guest memory has no views (DMA messages)
-NOWAIT_MAX = 256 << 10  # largest request tried inline against the page cache (bounds loop latency)
+NOWAIT_MAX = 1 << 20  # largest request tried inline against the page cache (bounds loop latency)
 IOV_MAX = 1024  # iovecs per preadv/pwritev (Linux UIO_MAXIOV)
 PAGE = 4096
 MAX_DISCARD_SECTORS = 1 << 22
 MAX_DISCARD_SEG = 32
 SLICE = 64  # requests a queue takes from its ring before letting other tasks run
+SLICE_BYTES = 4 << 20  # ... or bytes it copies inline, whichever comes first
 _TYPES = frozenset((VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID,
                     VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES))
 
@@ -434,11 +435,15 @@ class VirtioBlkFunction(PciFunction):
         except BaseException:
             self.backing.close()
             raise
+        # Let go of cached ring views before an unmap closes the memory behind them.
+        self.dma.listeners.append(self._dma_changed)
         self.limiter = trio.CapacityLimiter(io_threads)
         self.max_inflight = max_inflight
         self.service: Service | None = None
         self.queues: dict[int, SplitQueue] = {}
         self.dirty = False  # writes not yet covered by an fsync
+        self._paused = False  # quiesced: take no new requests
+        self._drained = trio.Event()
         self._closing = False
         self.stats = {"reads": 0, "writes": 0, "flushes": 0, "get_id": 0, "discards": 0,
                       "write_zeroes": 0, "bytes_read": 0, "bytes_written": 0,
@@ -489,6 +494,7 @@ class VirtioBlkFunction(PciFunction):
         prev = self.service
         if prev is not None:
             prev.stop()
+        self._paused = False
         service = Service(self.name, self.log, on_exit=self._quiesce)
         dma = GuardedDma(self, service)
         self.queues = {
@@ -521,6 +527,8 @@ class VirtioBlkFunction(PciFunction):
         if service is not None:
             service.stop()
             await service.done.wait()
+        for q in self.queues.values():
+            q.release()
         self.queues = {}
 
     async def _quiesce(self) -> None:
@@ -541,13 +549,26 @@ class VirtioBlkFunction(PciFunction):
         while True:
             await q.kick.wait()
             q.kick = trio.Event()
-            while not self.transport.needs_reset:
+            while not self.transport.needs_reset and not self._paused:
                 done: list[tuple[int, int]] = []
                 empty = False
+                moved = 0
                 try:
                     for _ in range(SLICE):  # bounded work before others get the loop
-                        await slots.acquire()
-                        chain = await q.pop()
+                        if moved >= SLICE_BYTES:
+                            break
+                        try:
+                            slots.acquire_nowait()  # (no scheduler pass while slots are free)
+                        except trio.WouldBlock:
+                            await slots.acquire()
+                            if self._paused:  # quiesced while waiting for a slot
+                                slots.release()
+                                break
+                        q.inflight += 1  # (a chain being fetched is in flight for quiesce)
+                        try:
+                            chain = await q.pop()
+                        finally:
+                            q.inflight -= 1
                         if chain is None:
                             slots.release()
                             empty = True
@@ -559,6 +580,7 @@ class VirtioBlkFunction(PciFunction):
                         else:
                             slots.release()
                             done.append((chain.head, written))
+                            moved += chain.readable_len + written
                     if done:
                         await self._complete(q, done)
                     if empty and not await q.arm():
@@ -590,12 +612,14 @@ class VirtioBlkFunction(PciFunction):
         try:
             try:
                 written = await self._execute(chain, dma)
+                if q.inflight > 1 and not q.publishing:
+                    # Others are in flight: let those finishing in this same scheduler
+                    # pass join the batch, so one interrupt covers them all.
+                    await trio.lowlevel.checkpoint()
             finally:
+                # Counted until it is among the completed ones (no await between):
+                # a quiesce must not see "nothing in flight" while it waits here.
                 q.inflight -= 1
-            if q.inflight and not q.publishing:
-                # Others are in flight: let those finishing in this same scheduler
-                # pass join the batch, so one interrupt covers them all.
-                await trio.lowlevel.checkpoint()
             await self._complete(q, [(chain.head, written)])
         except Stopped:
             pass  # reset or detach: the driver no longer owns this ring
@@ -603,6 +627,14 @@ class VirtioBlkFunction(PciFunction):
             self._ring_failure(q, exc)
         finally:
             slots.release()
+            self._maybe_drained()
+
+    def _maybe_drained(self) -> None:
+        if self._paused and self._no_requests():
+            self._drained.set()
+
+    def _no_requests(self) -> bool:
+        return not any(q.inflight or q.publishing or q.completed for q in self.queues.values())
 
     async def _complete(self, q: SplitQueue, done: list[tuple[int, int]]) -> None:
         """Publish finished requests; whoever finds no publisher at work becomes it and
@@ -618,6 +650,7 @@ class VirtioBlkFunction(PciFunction):
                     self._queue_interrupt(q)
         finally:
             q.publishing = False
+            self._maybe_drained()
 
     def _queue_interrupt(self, q: SplitQueue) -> None:
         self.transport.isr |= vp.VIRTIO_PCI_ISR_QUEUE
@@ -827,19 +860,45 @@ class VirtioBlkFunction(PciFunction):
         self.log.info("virtio_blk_unsupported", type=rtype)
         return VIRTIO_BLK_S_UNSUPP
 
+    def _dma_changed(self, kind: str, region) -> None:
+        if kind == "unmap":
+            for q in self.queues.values():
+                q.release()  # (the next ring access resolves the views again)
+
+    # ------------------------------------------------------------------ quiesce
+    async def device_quiesce(self) -> None:
+        """Take no new requests, let those in flight finish and reach the used ring,
+        then stop the queue service (it syncs the file); the ring positions stay."""
+        self._paused = True
+        service = self.service
+        if service is None:
+            return
+        while not self._no_requests():
+            self._drained = trio.Event()
+            await self._drained.wait()
+        service.stop()
+        await service.done.wait()
+
+    def device_resume(self) -> None:
+        """Carry on after ``device_quiesce`` (a hand-over that did not happen)."""
+        self._paused = False
+        if self.queues and (self.service is None or self.service.stopped):
+            self._start_service(tuple(q.snapshot() for _, q in sorted(self.queues.items())))
+
     # ------------------------------------------------------------------ snapshot
     def device_snapshot(self) -> "VirtioBlkSnapshot":
         """Transport registers, ring positions, backing-file identity, dirty flag, stats.
 
         Taken quiesced: a request in flight (a thread mid-I/O) cannot be captured.
         """
-        if any(q.inflight or q.completed or q.publishing for q in self.queues.values()):
-            raise SnapshotError(f"virtio-blk {self.name} has requests in flight", errno.EBUSY)
-        running = self.service is not None and not self.service.stopped
+        if not self._no_requests():
+            raise SnapshotError(f"virtio-blk {self.name} has requests in flight (quiesce first)",
+                                errno.EBUSY)
         dev, ino, capacity = self.backing.identity()
         return VirtioBlkSnapshot(
+            # Queues exist from DRIVER_OK to the next reset, quiesced or not.
             transport=self.transport.snapshot(),
-            queues=tuple(q.snapshot() for _, q in sorted(self.queues.items())) if running else (),
+            queues=tuple(q.snapshot() for _, q in sorted(self.queues.items())),
             backing=Fd(self.backing.fd), path=self.backing.path, dev=dev, ino=ino,
             capacity=capacity, cache=self.backing.cache, readonly=self.readonly,
             dirty=self.dirty, stats=dict(self.stats))
@@ -874,6 +933,8 @@ class VirtioBlkFunction(PciFunction):
         if hasattr(self, "transport"):
             if self.service is not None:
                 self.service.stop()  # synchronous callers (detach) cannot wait; the next start does
+            for q in self.queues.values():
+                q.release()
             self.queues = {}
             self.transport.reset()
         super().reset_state()
@@ -885,6 +946,8 @@ class VirtioBlkFunction(PciFunction):
     def detach(self) -> None:
         if self.service is not None:
             self.service.stop()  # before the DMA maps go away
+        for q in self.queues.values():
+            q.release()
         super().detach()
 
     def close(self) -> None:

@@ -7,6 +7,7 @@ labelled by ``fid`` only (errors additionally by ``kind``).
 from __future__ import annotations
 
 import functools
+import os
 import time
 from typing import Callable, Iterable
 
@@ -48,7 +49,17 @@ def sample(function, attached: bool) -> dict:
             "counters": {field: getattr(c, field, 0) for field in COUNTERS},
             "errors": {str(kind): n for kind, n in c.errors.items()},
             "shadow_mappings": zpci.get("shadow_mappings", 0) or 0,
-            "dma_limit_remaining": zpci.get("dma_limit_remaining")}
+            "dma_limit_remaining": zpci.get("dma_limit_remaining"),
+            "resident_bytes": _resident_bytes()}
+
+
+def _resident_bytes() -> int:
+    """This process's resident set (a worker's own memory, for its function's series)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def valid_sample(s) -> bool:
@@ -58,6 +69,7 @@ def valid_sample(s) -> bool:
     try:
         return (isinstance(s["attached"], bool) and count(s["shadow_mappings"])
                 and (s["dma_limit_remaining"] is None or count(s["dma_limit_remaining"]))
+                and count(s["resident_bytes"])
                 and all(k in COUNTERS and count(v) for k, v in s["counters"].items())
                 and all(isinstance(k, str) and count(v) for k, v in s["errors"].items()))
     except (KeyError, TypeError, AttributeError):
@@ -89,6 +101,8 @@ class FunctionCollector:
         restarts = CounterMetricFamily("zpcid_worker_restarts",
                                        "Times the function's worker process died and was restarted",
                                        labels=["fid"])
+        resident = GaugeMetricFamily("zpcid_worker_resident_memory_bytes",
+                                     "Resident memory of the function's worker process", labels=["fid"])
         for fid, s, n_restarts in rows:
             label = fid_label(fid)
             restarts.add_metric([label], n_restarts)
@@ -96,6 +110,7 @@ class FunctionCollector:
                 continue
             attached.add_metric([label], 1 if s["attached"] else 0)
             shadow.add_metric([label], s["shadow_mappings"])
+            resident.add_metric([label], s["resident_bytes"])
             if s.get("dma_limit_remaining") is not None:
                 remaining.add_metric([label], s["dma_limit_remaining"])
             for field, family in counters.items():
@@ -108,6 +123,7 @@ class FunctionCollector:
         yield from counters.values()
         yield errors
         yield restarts
+        yield resident
 
 
 def make_registry(entries) -> CollectorRegistry:

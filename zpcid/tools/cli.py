@@ -39,4 +39,4 @@ def bench_command(args: argparse.Namespace) -> int:
     from zpcid.tools import bench
 
     log.configure("json", "error")
-    return bench.run(args.quick, args.json, args.quiet)
+    return bench.run(args.quick, args.json, args.quiet, args.compare, tuple(args.only or bench.SECTIONS))

@@ -17,7 +17,7 @@ import fcntl
 import mmap
 import os
 import stat
-from typing import Awaitable, Callable, Protocol
+from typing import Callable, Protocol
 
 import attrs
 
@@ -341,8 +341,9 @@ class DmaSpace:
         self._starts.insert(i + 1, iova)
         self._regions.insert(i + 1, region)
         self.generation += 1
-        _log.debug("dma_map", iova=hex(iova), size=hex(size), fd=fd is not None,
-                   prot=("r" if readable else "") + ("w" if writable else ""))
+        if log.debug_enabled():  # one per guest page on stock s390x QEMU
+            _log.debug("dma_map", iova=hex(iova), size=hex(size), fd=fd is not None,
+                       prot=("r" if readable else "") + ("w" if writable else ""))
         for cb in self.listeners:
             cb("map", region)
         return region
@@ -380,7 +381,8 @@ class DmaSpace:
         return removed
 
     def _release(self, r: DmaRegion) -> None:
-        _log.debug("dma_unmap", iova=hex(r.iova), size=hex(r.size))
+        if log.debug_enabled():
+            _log.debug("dma_unmap", iova=hex(r.iova), size=hex(r.size))
         for cb in self.listeners:
             cb("unmap", r)
         fm = r.file

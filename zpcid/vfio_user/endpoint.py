@@ -27,7 +27,7 @@ from protocol.vfio_user import consts as C
 from protocol.vfio_user import messages as M
 from protocol.vfio_user.connection import Connection, Reply, Request, Role, State
 from protocol.vfio_user.framing import Message
-from protocol.vfio_user.header import HEADER, HEADER_SIZE, Command, Flags
+from protocol.vfio_user.header import HEADER, Command, Flags
 from zpcid import log
 from zpcid.snapshot import Fd, Snapshot, SnapshotError, expect
 from zpcid.vfio_user.device import VfioDevice
@@ -54,7 +54,6 @@ NEGOTIATE_TIMEOUT = 5.0
 SEND_TIMEOUT = 10.0
 
 _REGION_HEAD = struct.Struct("<QII")  # REGION_READ/WRITE: offset, region, count
-_REPLY = Flags.REPLY
 _NO_REPLY = Flags.NO_REPLY
 
 
@@ -106,6 +105,7 @@ class Endpoint:
         self._parked = trio.Event()
         self._unpause = trio.Event()
         self._recv_scope: trio.CancelScope | None = None
+        self._waiting_input = False
 
     @property
     def framer(self):
@@ -149,6 +149,17 @@ class Endpoint:
             await self.transport.aclose()
 
     async def _serve(self) -> None:
+        while True:
+            # quiesce() cancels this scope, and only while the loop waits for
+            # input (``_waiting_input``), so nothing read is lost; the loop then
+            # parks at the message boundary.  One scope per session rather than
+            # one per read: entering a cancel scope costs as much as parsing and
+            # answering a register access.
+            with trio.CancelScope() as self._recv_scope:
+                await self._serve_loop()
+                return
+
+    async def _serve_loop(self) -> None:
         backlog = self._backlog
         served = 0
         while True:
@@ -173,11 +184,11 @@ class Endpoint:
                 self._parked.set()
                 await self._unpause.wait()
                 continue
-            # Cancelled only by quiesce(), and only while waiting for input:
-            # nothing read is lost.
-            with trio.CancelScope() as self._recv_scope:
+            self._waiting_input = True
+            try:
                 await self._receive()
-            self._recv_scope = None
+            finally:
+                self._waiting_input = False
 
     async def _receive(self) -> None:
         """Read once as the only reader (or wait for the current reader's read)."""
@@ -270,9 +281,9 @@ class Endpoint:
             self._drop(f"no VERSION within {NEGOTIATE_TIMEOUT:g} s")
 
     def _reply(self, msg: Message, payload: bytes = b"", fds=()) -> None:
-        h = msg.header
-        if not h.flags & _NO_REPLY:
-            self._send(HEADER.pack(h.msg_id, h.cmd, HEADER_SIZE + len(payload), _REPLY, 0) + payload, fds)
+        data = self.conn.reply(msg, payload)
+        if data is not None:
+            self._send(data, fds)
 
     def _error(self, msg: Message, err: int, reason: str) -> None:
         self.stats.errors += 1
@@ -325,7 +336,8 @@ class Endpoint:
         fd = fds[0] if fds else None
         self.device.dma_map(req.addr, req.size, req.readable, req.writable, fd, req.offset)
         # Per-message events stay at debug: QEMU on s390x sends one per guest page.
-        self.log.debug("dma_map", iova=req.addr, size=req.size, fd=fd is not None, flags=req.flags)
+        if log.debug_enabled():
+            self.log.debug("dma_map", iova=req.addr, size=req.size, fd=fd is not None, flags=req.flags)
         self._reply(msg)
         return fds  # the mapping keeps its own reference; close ours
 
@@ -335,12 +347,13 @@ class Endpoint:
             n = self.device.dma_unmap_all()
         else:
             n = self.device.dma_unmap(req.addr, req.size)
-        self.log.debug("dma_unmap", iova=req.addr, size=req.size, all=req.unmap_all, removed=n)
+        if log.debug_enabled():
+            self.log.debug("dma_unmap", iova=req.addr, size=req.size, all=req.unmap_all, removed=n)
         self._reply(msg, M.DmaUnmap(M.DmaUnmap.SIZE, req.flags, req.addr, req.size).pack())
         return fds
 
     async def _h_get_info(self, msg, fds):
-        req = M.DeviceInfo.unpack(msg.payload)
+        M.DeviceInfo.unpack(msg.payload)  # validates the request
         flags, nregions, nirqs = self.device.device_info()
         self._reply(msg, M.DeviceInfo(M.DeviceInfo.SIZE, flags, nregions, nirqs).pack())
         return fds
@@ -381,8 +394,9 @@ class Endpoint:
         # The IRQ table owns the others now; if the reply below fails, _handle must
         # not close descriptors that are installed as eventfds.
         fds[:] = rest
-        self.log.debug("set_irqs", index=req.index, start=req.start, count=req.count,
-                       flags=req.flags, fds=received)
+        if log.debug_enabled():
+            self.log.debug("set_irqs", index=req.index, start=req.start, count=req.count,
+                           flags=req.flags, fds=received)
         self._reply(msg)
         return rest
 
@@ -458,7 +472,7 @@ class Endpoint:
         """
         self._pause = True
         self._unpause = trio.Event()
-        if self._recv_scope is not None:
+        if self._waiting_input and self._recv_scope is not None:
             self._recv_scope.cancel()
         await self._parked.wait()
         return not self._input_closed

@@ -144,7 +144,7 @@ class SocketTransport:
         """
         if not self._out:
             try:
-                sent = self.raw.sendmsg([data], _scm_rights(fds) if fds else ())
+                sent = self.raw.sendmsg([data], _scm_rights(fds)) if fds else self.raw.send(data)
             except BlockingIOError:
                 sent = 0
             if sent == len(data):

@@ -80,14 +80,24 @@ class ZpciMailbox:
     # ------------------------------------------------------------------ mailbox
     async def command(self, cmd: int, r1: int = 0, r2: int = 0, r3: int = 0, *,
                       fib: bytes | None = None, data: bytes | None = None) -> Result:
+        offset, doorbell = self.prepare(cmd, r1, r2, r3, fib=fib, data=data)
+        await self.client.region_write(self.index, offset, doorbell, via_mmap=False)
+        return self.result()
+
+    def prepare(self, cmd: int, r1: int = 0, r2: int = 0, r3: int = 0, *,
+                fib: bytes | None = None, data: bytes | None = None) -> tuple[int, bytes]:
+        """Write an instruction's operands; returns the doorbell write (offset, data) that runs it."""
         mm, base = self.mm, Zr.MAILBOX
         struct.pack_into("<QQQ", mm, base + Zr.MB_R1, r1, r2, r3)
         if fib is not None:
             mm[base + Zr.MB_FIB : base + Zr.MB_FIB + 80] = fib.ljust(80, b"\0")
         if data is not None:
             mm[Zr.MB_DATA : Zr.MB_DATA + len(data)] = data
-        await self.client.region_write(self.index, base + Zr.MB_DOORBELL, struct.pack("<I", cmd),
-                                       via_mmap=False)
+        return base + Zr.MB_DOORBELL, struct.pack("<I", cmd)
+
+    def result(self) -> Result:
+        """The outcome of the last instruction, from the mailbox."""
+        mm, base = self.mm, Zr.MAILBOX
         result, cc, status, exc, _, r1_out = struct.unpack_from("<IBBBBQ", mm, base + Zr.MB_RESULT)
         fib_out = bytes(mm[base + Zr.MB_FIB_OUT : base + Zr.MB_FIB_OUT + 80])
         return Result(result, cc, status, exc, r1_out, fib_out)

@@ -19,9 +19,10 @@ from protocol.zpci import formats as Z
 from protocol.zpci import tables as T
 from protocol.errors import ProtocolError
 from protocol.vfio_user.messages import TypeCap
+from zpcid import log
 from zpcid.vfio_user.dma import DmaFault
 from zpcid.zpci.atomic import set_indicator_bit
-from zpcid.zpci.iommu import ShadowIotlb, TranslationError, rpcit as walk_rpcit
+from zpcid.zpci.iommu import ShadowIotlb, TranslationError, rpcit_sliced as walk_rpcit
 from zpcid.vfio_user.regions import MemfdRegion
 
 if TYPE_CHECKING:
@@ -376,7 +377,7 @@ class ZpciCore:
         if cmd == CMD_STPCIFC:
             return self.stpcifc(r1)
         if cmd == CMD_RPCIT:
-            return self.rpcit(r1, r2, r3)
+            return await self.rpcit(r1, r2, r3)
         if cmd == CMD_PCISTB:
             length = r1 & 0x1FFF
             data = bytes(self.mm[MB_DATA : MB_DATA + min(length, MB_DATA_SIZE)])
@@ -622,7 +623,7 @@ class ZpciCore:
         return Outcome(fib=fib.pack(), r1=r1_out)
 
     # ------------------------------------------------------------------ RPCIT
-    def rpcit(self, r1: int, start: int, length: int) -> Outcome:
+    async def rpcit(self, r1: int, start: int, length: int) -> Outcome:
         if not self.translating:
             return Outcome(result=RES_WRONG_MODE)
         fh = r1 >> 32
@@ -644,13 +645,14 @@ class ZpciCore:
         if length == 0 or start + length - 1 < self.pba or start > self.pal:
             return self._rpcit_error(r1, Z.ZPCI_PEC_OUT_OF_RANGE, start, "range outside PBA-PAL")
         # The walker clips to [PBA, PAL] itself and reports failures from ``start`` on.
-        result = walk_rpcit(self.shadow, self.function.dma, self.iota, self.pba, self.pal, start, length)
+        result = await walk_rpcit(self.shadow, self.function.dma, self.iota, self.pba, self.pal, start, length)
         c = self.function.counters
         c.pages_mapped += result.mapped + result.changed
         c.pages_unmapped += result.unmapped
         self._count("rpcit")
-        self.log.debug("rpcit", start=hex(start), length=hex(length), mapped=result.mapped,
-                       unmapped=result.unmapped, changed=result.changed, skipped=result.skipped)
+        if log.debug_enabled():  # per intercept: not even a filtered call
+            self.log.debug("rpcit", start=hex(start), length=hex(length), mapped=result.mapped,
+                           unmapped=result.unmapped, changed=result.changed, skipped=result.skipped)
         if result.error is not None:
             e = result.error
             return self._rpcit_error(r1, e.pec, e.iova, str(e))
@@ -848,6 +850,12 @@ class ZpciDmaPath:
             pos += n
         core._count("dma_w", len(data))
         core.function.counters.dma_bytes_written += len(data)
+
+    @property
+    def view_generation(self) -> int | None:
+        """Changes whenever a view taken earlier may no longer be what its IOVA maps to;
+        None while the IOMMU translates (RPCIT can change a mapping at any time)."""
+        return None if self.core.translating else self.space.generation
 
     def views(self, iova: int, length: int, write: bool) -> list[memoryview] | None:
         """Memoryviews of the client memory behind an IOVA range, for I/O straight into

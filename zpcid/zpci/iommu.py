@@ -19,10 +19,12 @@ import bisect
 import functools
 import struct
 import sys
+import time
 from typing import Protocol
 
 import attrs
 import numpy as np
+import trio
 
 from protocol.zpci import tables as T
 from zpcid import log
@@ -895,7 +897,72 @@ def rpcit(shadow: ShadowIotlb, mem: GuestMemory, iota: int, pba: int, pal: int,
         if w.error is not None or not w.skipped or shadow.available == 0 or attempt == max_rewalks:
             break
         res.rewalks += 1
-    _log.debug("rpcit", start=hex(start), length=hex(length), mapped=res.mapped,
-               unmapped=res.unmapped, changed=res.changed, skipped=res.skipped,
-               rewalks=res.rewalks, pec=res.error.pec if res.error else None)
+    if log.debug_enabled():  # per intercept: not even a filtered call
+        _log.debug("rpcit", start=hex(start), length=hex(length), mapped=res.mapped,
+                   unmapped=res.unmapped, changed=res.changed, skipped=res.skipped,
+                   rewalks=res.rewalks, pec=res.error.pec if res.error else None)
     return res
+
+
+# Aperture walked between two checkpoints of ``rpcit_sliced``: starts at
+# SLICE_START and adapts so that one slice takes about SLICE_TARGET seconds
+# (table content, not size, decides the cost).
+SLICE_START = 16 << 20
+SLICE_MIN, SLICE_MAX = 1 << 20, 1 << 30
+SLICE_TARGET = 0.004
+
+
+async def rpcit_sliced(shadow: ShadowIotlb, mem: GuestMemory, iota: int, pba: int, pal: int,
+                       start: int, length: int, *, max_rewalks: int = 8) -> RpcitResult:
+    """``rpcit`` over a range of any size without holding the event loop.
+
+    A guest can ask for one refresh of its whole aperture (64 GiB and more) over
+    tables that alias each other: one walk would hold the loop for a second.
+    Decision: the range is refreshed as consecutive slices of the aperture with
+    a checkpoint between them; each slice is an ``rpcit`` of its own, so the
+    shadow is consistent after every slice (other device DMA of the function
+    sees old or new translations per page, as during a real refresh).  The
+    first error ends the refresh with everything before it applied, as in one
+    walk; maps skipped for the DMA limit are retried in another sliced pass
+    when units were freed later, as ``rpcit`` re-walks.
+    """
+    start &= _U64
+    length &= _U64
+    lo = max(start, pba) & ~(PAGE - 1)
+    hi = min(start + length, pal + 1, 1 << 64)
+    if length == 0 or hi - lo <= SLICE_MIN or not _unpack_iota(iota).translate:
+        return rpcit(shadow, mem, iota, pba, pal, start, length, max_rewalks=max_rewalks)
+    step = SLICE_START
+    total = RpcitResult()
+    for attempt in range(max_rewalks + 1):
+        skipped = 0
+        truncated = False
+        pos = lo
+        while pos < hi:
+            # Slices end on aperture boundaries of their size (whole tables);
+            # the first one carries the guest's start for the failing address.
+            stop = min(hi, (pos & ~(step - 1)) + step)
+            first = start if pos == lo else pos
+            t0 = time.perf_counter()
+            res = rpcit(shadow, mem, iota, pba, pal, first, stop - first, max_rewalks=0)
+            took = time.perf_counter() - t0
+            total.mapped += res.mapped
+            total.unmapped += res.unmapped
+            total.changed += res.changed
+            total.pages += res.pages
+            skipped += res.skipped
+            truncated |= res.truncated
+            if res.error is not None:
+                total.error = res.error
+                break
+            pos = stop
+            if took < SLICE_TARGET / 4:
+                step = min(step * 2, SLICE_MAX)
+            elif took > SLICE_TARGET:
+                step = max(step // 2, SLICE_MIN)
+            await trio.lowlevel.checkpoint()
+        total.skipped, total.truncated = skipped, truncated
+        if total.error is not None or not skipped or shadow.available == 0 or attempt == max_rewalks:
+            break
+        total.rewalks += 1
+    return total

@@ -171,6 +171,11 @@ class SplitQueue:
         self.signalled_used: int | None = None
         self.heads: collections.deque[int] = collections.deque()
         self.used_lock = trio.Lock()
+        # Views of the three ring areas while the DMA mapping they came from holds.
+        self._ring_gen: int | None = None
+        self._ring_views: tuple[memoryview | None, ...] = (None, None, None)
+        self._ring_bounds = ((self.desc, DESC_SIZE * self.size), (self.avail, 6 + 2 * self.size),
+                             (self.used, 6 + USED_ELEM_SIZE * self.size))
         self.kick = trio.Event()
         self.inflight = 0
         self.completed: list[tuple[int, int]] = []  # (head, written) not yet in the used ring
@@ -188,9 +193,53 @@ class SplitQueue:
         self.signalled_used = None if snap.signalled_used is None else snap.signalled_used & 0xFFFF
         self.heads = collections.deque(snap.heads)
 
+    # ------------------------------------------------------------------ ring memory
+    def _view(self, area: int, off: int, n: int) -> memoryview | None:
+        """Bytes [off, off+n) of ring area 0 (descriptors), 1 (avail) or 2 (used), as a view
+        of shared memory, or None (message-mode DMA, IOMMU translation, split mapping)."""
+        self.dma.service.check()
+        gen = self.dma.function.dma_path.view_generation
+        if gen is None:
+            return None
+        if gen != self._ring_gen:
+            self._ring_gen = gen
+            self._ring_views = tuple(self._area_view(addr, size, write=i == 2)
+                                     for i, (addr, size) in enumerate(self._ring_bounds))
+        v = self._ring_views[area]
+        return v[off : off + n] if v is not None else None
+
+    def release(self) -> None:
+        """Drop the ring views, so the DMA space can unmap the memory behind them."""
+        for v in self._ring_views:
+            if v is not None:
+                v.release()
+        self._ring_views, self._ring_gen = (None, None, None), None
+
+    def _area_view(self, addr: int, size: int, write: bool) -> memoryview | None:
+        try:
+            views = self.dma.function.dma_path.views(addr, size, write)
+        except Exception as exc:
+            if is_dma_error(exc):
+                return None  # the slow path reports the fault when the ring is used
+            raise
+        return views[0] if views is not None and len(views) == 1 else None
+
+    async def _read(self, area: int, off: int, n: int):
+        v = self._view(area, off, n)
+        if v is not None:
+            return v
+        return await self.dma.read(self._ring_bounds[area][0] + off, n)
+
+    async def _write(self, area: int, off: int, data: bytes) -> None:
+        v = self._view(area, off, len(data))
+        if v is not None:
+            v[:] = data
+        else:
+            await self.dma.write(self._ring_bounds[area][0] + off, data)
+
     # ------------------------------------------------------------------ avail side
     async def _avail_idx(self) -> int:
-        return _u16.unpack(await self.dma.read(self.avail + 2, 2))[0]
+        return _u16.unpack(await self._read(1, 2, 2))[0]
 
     async def _fetch_heads(self) -> None:
         idx = await self._avail_idx()
@@ -202,9 +251,9 @@ class SplitQueue:
             raise RingError(f"avail index moved by {n}, more than the queue size {self.size}")
         start = self.last_avail % self.size
         first = min(n, self.size - start)
-        raw = await self.dma.read(self.avail + 4 + 2 * start, 2 * first)
+        raw = bytes(await self._read(1, 4 + 2 * start, 2 * first))
         if first < n:
-            raw += await self.dma.read(self.avail + 4, 2 * (n - first))
+            raw += await self._read(1, 4, 2 * (n - first))
         self.heads.extend(struct.unpack(f"<{n}H", raw))
         self.last_avail = idx
 
@@ -219,8 +268,7 @@ class SplitQueue:
     async def arm(self) -> bool:
         """Ask for a notification on the next buffer; True if one is already there."""
         if self.event_idx:
-            await self.dma.write(self.used + 4 + USED_ELEM_SIZE * self.size,
-                                 _u16.pack(self.last_avail))
+            await self._write(2, 4 + USED_ELEM_SIZE * self.size, _u16.pack(self.last_avail))
         fence()
         return bool(self.heads) or await self._avail_idx() != self.last_avail
 
@@ -232,7 +280,11 @@ class SplitQueue:
         in_indirect = False
         seen = 0
         while True:
-            addr, length, flags, nxt = _desc.unpack(await self.dma.read(table + DESC_SIZE * i, DESC_SIZE))
+            if in_indirect:
+                raw = await self.dma.read(table + DESC_SIZE * i, DESC_SIZE)
+            else:
+                raw = await self._read(0, DESC_SIZE * i, DESC_SIZE)
+            addr, length, flags, nxt = _desc.unpack(raw)
             if flags & VRING_DESC_F_INDIRECT:
                 if in_indirect or not self.indirect:
                     raise RingError("indirect descriptor not allowed here")
@@ -266,7 +318,11 @@ class SplitQueue:
     async def push_many(self, done: list[tuple[int, int]]) -> bool:
         """Return chains to the driver under one used-index update; True if the
         driver wants an interrupt for them (one interrupt covers the batch)."""
-        async with self.used_lock:
+        try:
+            self.used_lock.acquire_nowait()  # (no scheduler pass when nobody holds it)
+        except trio.WouldBlock:
+            await self.used_lock.acquire()
+        try:
             idx = self.used_idx
             pos = 0
             while pos < len(done):
@@ -274,22 +330,24 @@ class SplitQueue:
                 slot = (idx + pos) % self.size
                 n = min(len(done) - pos, self.size - slot)
                 raw = b"".join(_used_elem.pack(h, w) for h, w in done[pos : pos + n])
-                await self.dma.write(self.used + 4 + USED_ELEM_SIZE * slot, raw)
+                await self._write(2, 4 + USED_ELEM_SIZE * slot, raw)
                 pos += n
             fence()  # the elements must be visible before the index that publishes them
             new = (idx + len(done)) & 0xFFFF
-            await self.dma.write(self.used + 2, _u16.pack(new))
+            await self._write(2, 2, _u16.pack(new))
             self.used_idx = new
             fence()
             if self.event_idx:
                 old, self.signalled_used = self.signalled_used, new
                 if old is None:
                     return True
-                event = _u16.unpack(await self.dma.read(self.avail + 4 + 2 * self.size, 2))[0]
+                event = _u16.unpack(await self._read(1, 4 + 2 * self.size, 2))[0]
                 # vring_need_event: did new move past the driver's used_event since old?
                 return ((new - event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
-            flags = _u16.unpack(await self.dma.read(self.avail, 2))[0]
+            flags = _u16.unpack(await self._read(1, 0, 2))[0]
             return not flags & VRING_AVAIL_F_NO_INTERRUPT
+        finally:
+            self.used_lock.release()
 
 
 @attrs.frozen
