@@ -79,3 +79,30 @@ def test_responders_answer_a_blocking_client_and_spend_cpu(kind, tmp_path):
         peer.close()
     finally:
         r.close()
+
+
+async def test_virtio_randread_pairs_alternate_baseline_and_zpcid(tmp_path):
+    from zpcid.tools.virtio_bench import run_randread_pairs
+
+    out = await run_randread_pairs(runs=2, duration=0.05, size=4 << 20, depth=4, directory=str(tmp_path))
+    assert len(out["baseline"]) == len(out["virtio"]) == 2
+    assert all(x > 0 for x in out["baseline"] + out["virtio"])
+    assert out["where"] not in ("", "?")  # the filesystem under the test file was found
+    assert out["notifications"] > 0
+    assert not any(tmp_path.iterdir())  # the disk image is removed afterwards
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["memfd", "dma-messages"])
+async def test_virtio_bench_measures_every_figure_next_to_its_baseline(tmp_path, shared):
+    from zpcid.tools.virtio_bench import run_virtio_bench
+
+    res = await run_virtio_bench(size=4 << 20, duration=0.05, depth=4, num_queues=2, io_threads=2,
+                                 directory=str(tmp_path), shared=shared)
+    assert res["guest_memory"] == ("memfd" if shared else "dma-messages")
+    assert set(res["virtio"]) >= {"randread_4k_iops", "seqread_1m_mib_s", "seqwrite_1m_mib_s"}
+    assert all(res["virtio"][k] > 0 for k in ("randread_4k_iops", "seqread_1m_mib_s", "seqwrite_1m_mib_s"))
+    assert set(res["ratio"]) == set(res["baseline"])
+    for k, ratio in res["ratio"].items():  # figure / baseline, rounded to 3 places
+        assert res["baseline"][k] > 0 and abs(ratio - res["virtio"][k] / res["baseline"][k]) <= 5e-4
+    assert res["virtio"]["notifications"] > 0
+    assert not any(tmp_path.iterdir())

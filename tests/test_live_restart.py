@@ -14,24 +14,11 @@ from zpcid.devices import memory as Mem
 from zpcid.vfio_user.memfd import Memfd
 from zpcid.vfio_user.server import FunctionServer, bind_unix
 from zpcid.vmm import client as vclient
+from helpers import prepare_vmm
 from zpcid.vmm.dma_engine_driver import Driver
 
 PAGE = 4096
 MSIX = C.VFIO_PCI_MSIX_IRQ_INDEX
-
-
-async def prepare(client, mem, nvec=4):
-    await client.dma_map(0, mem.size, mem.fd, 0)
-    for i in range(6):
-        await client.region_info(i)
-    await client.region_write(7, 4, struct.pack("<H", 0x6))
-    fds = await client.enable_irq_eventfds(MSIX, nvec)
-    cfg = await client.region_read(7, 0, 256)
-    cap = cfg[0x34]
-    while cfg[cap] != 0x11:
-        cap = cfg[cap + 1]
-    await client.region_write(7, cap + 2, struct.pack("<H", 0x8000 | (nvec - 1)))
-    return fds
 
 
 class Host:
@@ -78,7 +65,7 @@ async def test_memory_function_restart_keeps_the_client(sock_dir):
         async with trio.open_nursery() as nursery:
             await host.start(nursery)
             async with vclient.connect(host.path) as c:
-                fds = await prepare(c, mem)
+                fds = await prepare_vmm(c, mem)
                 await c.region_write(0, 0x40, b"survives", via_mmap=False)
                 await c.region_write(4, Mem.REG_SCRATCH, struct.pack("<I", 0x5EED))
                 for round_ in range(3):
@@ -124,7 +111,7 @@ async def test_requests_sent_while_quiesced_are_answered_by_the_successor(sock_d
         async with trio.open_nursery() as nursery:
             await host.start(nursery)
             async with vclient.connect(host.path) as c:
-                await prepare(c, mem)
+                await prepare_vmm(c, mem)
                 await c.region_write(4, Mem.REG_SCRATCH, struct.pack("<I", 77))
                 old = host.server
                 assert await old.quiesce()
@@ -159,7 +146,7 @@ async def test_quiesce_waits_for_device_work_and_resume_goes_on(sock_dir):
         async with trio.open_nursery() as nursery:
             await host.start(nursery)
             async with vclient.connect(host.path) as c:
-                fds = await prepare(c, mem)
+                fds = await prepare_vmm(c, mem)
                 data = os.urandom(1 << 20)
                 mem.write(0, data)
                 await c.region_write(0, D.REG_SRC, struct.pack("<QQII", 0, 2 << 20, len(data), D.OP_COPY))

@@ -15,14 +15,14 @@ from zpcid import snapshot as S
 from zpcid.devices import dma_engine as D
 from zpcid.vmm.dma_engine_driver import Driver
 from zpcid.devices import memory as Mem
-from zpcid.pci.config import Bar, ConfigSpace, PCI_COMMAND
+from zpcid.pci.config import Bar, ConfigSpace
 from zpcid.pci.msix import Msix
 from zpcid.vfio_user.dma import DmaError, DmaSpace
 from zpcid.vfio_user.irq import IrqTable
 from zpcid.vfio_user.memfd import Memfd
 from zpcid.vfio_user.regions import MemfdRegion, WindowedRegion
 from zpcid.vmm import client as vclient
-from helpers import serving
+from helpers import prepare_vmm, serving
 
 PAGE = 4096
 MSIX = C.VFIO_PCI_MSIX_IRQ_INDEX
@@ -236,21 +236,6 @@ def test_memfd_region_restore_serves_the_same_file():
 
 
 # ----------------------------------------------------------------- whole functions
-async def prepare(client, mem, nvec=4):
-    """A VMM in vmm-translates mode: guest memory mapped, BARs, bus master, MSI-X with eventfds."""
-    await client.dma_map(0, mem.size, mem.fd, 0)
-    for i in range(6):
-        await client.region_info(i)
-    await client.region_write(7, PCI_COMMAND, struct.pack("<H", 0x6))
-    fds = await client.enable_irq_eventfds(MSIX, nvec)
-    cfg = await client.region_read(7, 0, 256)
-    cap = cfg[0x34]
-    while cfg[cap] != 0x11:
-        cap = cfg[cap + 1]
-    await client.region_write(7, cap + 2, struct.pack("<H", 0x8000 | (nvec - 1)))
-    return fds
-
-
 async def restored_copy(function, factory):
     snap = function.snapshot()
     fresh = factory()
@@ -265,7 +250,7 @@ async def test_memory_function_round_trip_through_a_real_socket(sock_dir):
     try:
         async with serving(make(), sock_dir, "old.sock") as old_srv:
             async with vclient.connect(old_srv.path) as c1:
-                fds = await prepare(c1, mem)
+                fds = await prepare_vmm(c1, mem)
                 await c1.region_write(0, 0x123, b"bar0 content", via_mmap=False)
                 await c1.region_write(4, Mem.REG_SCRATCH, struct.pack("<I", 0xC0FFEE))
                 await c1.region_write(4, Mem.REG_DOORBELL, struct.pack("<I", 2))
@@ -315,7 +300,7 @@ async def test_dma_engine_ring_continues_after_restore(sock_dir):
     try:
         async with serving(make(), sock_dir, "old.sock") as old_srv:
             async with vclient.connect(old_srv.path) as c1:
-                fds = await prepare(c1, mem)
+                fds = await prepare_vmm(c1, mem)
                 await c1.region_write(0, D.REG_RING_BASE, struct.pack("<QI", ring, size))
                 await c1.region_write(0, D.REG_VECTOR, struct.pack("<I", 1))
                 for i in range(6):
@@ -347,7 +332,7 @@ async def test_function_snapshot_of_another_type_is_refused_and_fds_closed(sock_
     try:
         async with serving(Mem.MemoryFunction("m0"), sock_dir) as srv:
             async with vclient.connect(srv.path) as c:
-                fds = await prepare(c, mem)
+                fds = await prepare_vmm(c, mem)
                 copy = S.dup_fds(srv.function.snapshot())
                 assert copy.all_fds()  # DMA file, eventfds, BAR memfd
                 fresh = D.DmaEngine("m0")

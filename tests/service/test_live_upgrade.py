@@ -17,24 +17,11 @@ from protocol.vfio_user import consts as C
 from zpcid.devices import memory as Mem
 from zpcid.vfio_user.memfd import Memfd
 from zpcid.vmm import client as vclient
+from helpers import prepare_vmm
 from fake_systemd import FakeSystemd
-from .conftest import ZPCID, memfn
+from .conftest import ZPCID
 
 MSIX = C.VFIO_PCI_MSIX_IRQ_INDEX
-
-
-async def prepare(client, mem, nvec=4):
-    await client.dma_map(0, mem.size, mem.fd, 0)
-    for i in range(6):
-        await client.region_info(i)
-    await client.region_write(7, 4, struct.pack("<H", 0x6))
-    fds = await client.enable_irq_eventfds(MSIX, nvec)
-    cfg = await client.region_read(7, 0, 256)
-    cap = cfg[0x34]
-    while cfg[cap] != 0x11:
-        cap = cfg[cap + 1]
-    await client.region_write(7, cap + 2, struct.pack("<H", 0x8000 | (nvec - 1)))
-    return fds
 
 
 async def works(client, mem, fds, token: int, vector: int):
@@ -61,7 +48,7 @@ async def test_restart_and_upgrade_keep_the_vmm_attached(daemons):
     mem = Memfd(1 << 20)
     try:
         async with vclient.connect(d.socket("f1")) as c:
-            fds = await prepare(c, mem)
+            fds = await prepare_vmm(c, mem)
             await c.region_write(4, Mem.REG_SCRATCH, struct.pack("<I", 0xABC))
             before = pids(d)
             rc, out, err = await trio.to_thread.run_sync(d.ctl, "restart", "1")
@@ -84,7 +71,7 @@ async def test_restart_and_upgrade_keep_the_vmm_attached(daemons):
                 os.close(fd)
         # an unattached function handed over still takes a new VMM
         async with vclient.connect(d.socket("f2")) as c2:
-            fds2 = await prepare(c2, mem)
+            fds2 = await prepare_vmm(c2, mem)
             await c2.region_write(4, Mem.REG_SCRATCH, struct.pack("<I", 7))
             await works(c2, mem, fds2, 7, 3)
             for fd in fds2:
@@ -113,7 +100,7 @@ async def test_systemd_fd_store_restart_keeps_the_vmm(daemons, sock_dir):
     try:
         proc = await trio.to_thread.run_sync(start)
         async with vclient.connect(d.socket("f1")) as c:
-            fds = await prepare(c, mem)
+            fds = await prepare_vmm(c, mem)
             await c.region_write(4, Mem.REG_SCRATCH, struct.pack("<I", 0x51))
             for round_ in range(2):
                 proc.send_signal(signal.SIGTERM)  # systemctl restart: stop ...
@@ -149,8 +136,8 @@ async def test_killed_worker_closes_its_vmm_at_once_others_untouched(daemons):
     mem = Memfd(1 << 20)
     try:
         async with vclient.connect(d.socket("f1")) as c1, vclient.connect(d.socket("f2")) as c2:
-            fds1 = await prepare(c1, mem)
-            fds2 = await prepare(c2, mem)
+            fds1 = await prepare_vmm(c1, mem)
+            fds2 = await prepare_vmm(c2, mem)
             await c2.region_write(4, Mem.REG_SCRATCH, struct.pack("<I", 2))
             victim = pids(d)[1]
             os.kill(victim, signal.SIGKILL)
@@ -163,7 +150,7 @@ async def test_killed_worker_closes_its_vmm_at_once_others_untouched(daemons):
             while pids(d).get(1) in (None, victim):
                 await trio.sleep(0.05)
         async with vclient.connect(d.socket("f1")) as c3:  # the next attach works
-            fds3 = await prepare(c3, mem)
+            fds3 = await prepare_vmm(c3, mem)
             await c3.region_write(4, Mem.REG_SCRATCH, struct.pack("<I", 3))
             await works(c3, mem, fds3, 3, 1)
             for fd in fds3:
@@ -199,7 +186,7 @@ async def test_real_systemd_restart_keeps_the_vmm(daemons):
     mem = Memfd(1 << 20)
     try:
         async with vclient.connect(d.socket("f1")) as c:
-            fds = await prepare(c, mem)
+            fds = await prepare_vmm(c, mem)
             await c.region_write(4, Mem.REG_SCRATCH, struct.pack("<I", 0x5D))
             await trio.to_thread.run_sync(
                 lambda: subprocess.run(["systemctl", "restart", unit], check=True, timeout=60))

@@ -41,6 +41,15 @@ def memfn(fid: int) -> dict:
     return {"type": "memory", "fid": fid, "uid": fid, "name": f"f{fid:x}", "ram-size": 65536}
 
 
+def dmafn(fid: int) -> dict:
+    return {"type": "dma-engine", "fid": fid, "uid": fid, "name": f"f{fid:x}"}
+
+
+CRC_GUEST = 64 * MiB  # guest RAM of each CRC client
+CRC_LENGTH = 16 * MiB  # bytes per CRC-32C request: the worker computes, the client waits
+SDMA = 1 << 32  # start of the DMA aperture the client registers (direct mapping)
+
+
 class Daemon:
     """``zpcid serve`` in a temporary runtime directory."""
 
@@ -103,9 +112,37 @@ def client_main(path: str, seconds: float) -> None:
     print(trio.run(main), flush=True)
 
 
-def _drive(paths: list[str], seconds: float) -> float:
-    """Aggregate round trips per second of one client process per path, run together."""
-    procs = [subprocess.Popen([sys.executable, "-m", "zpcid.tools.bench_isolation", "--client", p,
+def crc_client_main(path: str, seconds: float) -> None:
+    """One VMM stand-in keeping its function's worker busy: back-to-back dma-engine CRC-32C
+    requests over guest memory (direct mapping); prints how many bytes were checksummed."""
+    from zpcid.devices import dma_engine as D
+    from zpcid.vmm.dma_engine_driver import Driver
+    from zpcid.vmm.model import attach
+
+    async def main() -> int:
+        async with attach(path, guest_memory=CRC_GUEST, bars=False) as vmm:
+            vmm.mem.mm[:CRC_LENGTH] = os.urandom(4096) * (CRC_LENGTH // 4096)
+            await vmm.register_translation(SDMA, SDMA + CRC_GUEST - 1, 0)
+            drv = Driver(vmm.client, irq_fd=vmm.msix_fds[0], vector=0)
+
+            async def crc() -> None:
+                st = await drv.run(D.OP_CRC32C, SDMA, 0, CRC_LENGTH)
+                if not st & D.STATUS_DONE or st & D.STATUS_ERROR:
+                    raise RuntimeError(f"dma-engine CRC failed: status {st:#x}")
+            await crc()  # warm-up
+            n = 0
+            end = time.perf_counter() + seconds
+            while time.perf_counter() < end:
+                await crc()
+                n += CRC_LENGTH
+            return n
+
+    print(trio.run(main), flush=True)
+
+
+def _drive(paths: list[str], seconds: float, mode: str = "--client") -> float:
+    """Aggregate rate (round trips or bytes per second) of one client process per path, run together."""
+    procs = [subprocess.Popen([sys.executable, "-m", "zpcid.tools.bench_isolation", mode, p,
                                str(seconds)], stdout=subprocess.PIPE, text=True) for p in paths]
     total = 0
     for p in procs:
@@ -116,7 +153,7 @@ def _drive(paths: list[str], seconds: float) -> float:
     return total / seconds
 
 
-def single_process_main(directory: str, n: int) -> None:
+def single_process_main(directory: str, n: int, kind: str = "memory") -> None:
     """The baseline: ``n`` memory functions served by one trio loop in one process (the
     design before one worker per function)."""
     from zpcid import log
@@ -129,7 +166,7 @@ def single_process_main(directory: str, n: int) -> None:
     async def main() -> None:
         async with trio.open_nursery() as nursery:
             for i in range(n):
-                fc = cfg.parse_function(memfn(i + 1), "bench", daemon)
+                fc = cfg.parse_function((memfn if kind == "memory" else dmafn)(i + 1), "bench", daemon)
                 await nursery.start(FunctionServer(fc.create(), os.path.join(directory, f"f{i + 1:x}.sock")).serve)
             print("READY", flush=True)
             await trio.sleep_forever()
@@ -140,45 +177,61 @@ def single_process_main(directory: str, n: int) -> None:
         pass
 
 
-def bench_scaling(rep, quick: bool, n_functions: int = 2) -> None:
+def _scaling(rep, quick: bool, kind: str, n_functions: int) -> tuple[list, list, list]:
+    """(1 function, N workers, N functions in one process) samples, interleaved."""
     rounds, seconds = (2, 1.0) if quick else (5, 3.0)
+    make, mode = (memfn, "--client") if kind == "memory" else (dmafn, "--crc-client")
     with tempfile.TemporaryDirectory(prefix="zpcid-iso-") as base:
         single_dir = os.path.join(base, "single")
         os.mkdir(single_dir)
         single = subprocess.Popen([sys.executable, "-m", "zpcid.tools.bench_isolation", "--single-process",
-                                   single_dir, str(n_functions)], stdout=subprocess.PIPE, text=True)
+                                   single_dir, str(n_functions), kind], stdout=subprocess.PIPE, text=True)
         d = None
         try:
             if single.stdout.readline().strip() != "READY":
                 raise RuntimeError("single-process baseline server did not start")
-            d = Daemon(base, [memfn(i + 1) for i in range(n_functions)])
+            d = Daemon(base, [make(i + 1) for i in range(n_functions)])
             paths = [d.socket(i + 1) for i in range(n_functions)]
             single_paths = [os.path.join(single_dir, f"f{i + 1:x}.sock") for i in range(n_functions)]
             one, many, shared, load = [], [], [], [os.getloadavg()[0]]
             for r in range(rounds):
-                rep.progress(f"scaling: 1 vs {n_functions} functions, round {r + 1}/{rounds}")
-                one.append(_drive(paths[:1], seconds))
-                many.append(_drive(paths, seconds))
-                shared.append(_drive(single_paths, seconds))
+                rep.progress(f"scaling ({kind}): 1 vs {n_functions} functions, round {r + 1}/{rounds}")
+                one.append(_drive(paths[:1], seconds, mode))
+                many.append(_drive(paths, seconds, mode))
+                shared.append(_drive(single_paths, seconds, mode))
                 load.append(os.getloadavg()[0])
         finally:
             if d is not None:
                 d.close()
             single.terminate()
             single.wait(30)
-    # Other processes competing for the cores distort this figure more than any other.
+    # Other processes competing for the cores distort these figures more than any other.
     rep.progress(f"scaling: load average during the runs {min(load):.1f}..{max(load):.1f}")
-    rep.add("isolation", "REGION_READ, 1 function (baseline samples)", statistics.median(one), "msg/s",
+    return one, many, shared
+
+
+def _scaling_rows(rep, what: str, unit: str, n: int, one, many, shared, scale: float = 1.0) -> None:
+    one, many, shared = ([x / scale for x in xs] for xs in (one, many, shared))
+    rep.add("isolation", f"{what}, 1 function (baseline samples)", statistics.median(one), unit,
             samples=one)
-    rep.add("isolation", f"REGION_READ, {n_functions} functions in 1 process (baseline samples)",
-            statistics.median(shared), "msg/s", samples=shared)
-    rep.add("isolation", f"REGION_READ, {n_functions} functions, one process each (aggregate)",
-            statistics.median(many), "msg/s", baseline=statistics.median(one),
+    rep.add("isolation", f"{what}, {n} functions in 1 process (baseline samples)",
+            statistics.median(shared), unit, samples=shared)
+    rep.add("isolation", f"{what}, {n} functions, one process each (aggregate)",
+            statistics.median(many), unit, baseline=statistics.median(one),
             baseline_name="1 function", samples=many,
-            target=f"~{min(n_functions, os.cpu_count() or 1)}x on {os.cpu_count()} cores")
-    rep.add("isolation", f"REGION_READ, {n_functions} functions, one process each (aggregate)",
-            statistics.median(many), "msg/s", baseline=statistics.median(shared),
-            baseline_name=f"{n_functions} fns in 1 process", samples=many)
+            target=f"~{min(n, os.cpu_count() or 1)}x on {os.cpu_count()} cores")
+    rep.add("isolation", f"{what}, {n} functions, one process each (aggregate)",
+            statistics.median(many), unit, baseline=statistics.median(shared),
+            baseline_name=f"{n} fns in 1 process", samples=many)
+
+
+def bench_scaling(rep, quick: bool, n_functions: int = 2) -> None:
+    # Busy functions: the worker computes (CRC-32C over 16 MiB of guest memory per request)
+    # while its client waits for the interrupt.
+    _scaling_rows(rep, "dma-engine CRC-32C", "GB/s", n_functions,
+                  *_scaling(rep, quick, "dma-engine", n_functions), scale=1e9)
+    # Ping-pong: bound by each round trip's wake-ups more than by CPU.
+    _scaling_rows(rep, "REGION_READ", "msg/s", n_functions, *_scaling(rep, quick, "memory", n_functions))
 
 
 # ---------------------------------------------------------------- memory
@@ -261,11 +314,14 @@ def main(argv: list[str]) -> int:
     if len(argv) == 3 and argv[0] == "--client":
         client_main(argv[1], float(argv[2]))
         return 0
-    if len(argv) == 3 and argv[0] == "--single-process":
-        single_process_main(argv[1], int(argv[2]))
+    if len(argv) == 3 and argv[0] == "--crc-client":
+        crc_client_main(argv[1], float(argv[2]))
         return 0
-    print("usage: python -m zpcid.tools.bench_isolation --client SOCKET SECONDS | "
-          "--single-process DIR N", file=sys.stderr)
+    if len(argv) == 4 and argv[0] == "--single-process":
+        single_process_main(argv[1], int(argv[2]), argv[3])
+        return 0
+    print("usage: python -m zpcid.tools.bench_isolation --client|--crc-client SOCKET SECONDS | "
+          "--single-process DIR N memory|dma-engine", file=sys.stderr)
     return 2
 
 

@@ -310,14 +310,17 @@ class Endpoint:
     # ------------------------------------------------------------------ dispatch
     async def _handle(self, msg: Message) -> None:
         self.stats.messages += 1
-        fds = msg.fds
+        # One list for the handler and the cleanup below: a handler that hands
+        # descriptors over (SET_IRQS) removes them from it before anything can
+        # fail, so a failing reply never closes an installed eventfd.
+        fds = list(msg.fds)
         try:
             handler = self._handlers.get(msg.header.cmd)
             if handler is None or msg.header.flags & ~_NO_REPLY:
                 self.conn.check_request(msg)  # raises with the right errno
                 if handler is None:
                     raise ProtocolError(f"unknown or unsupported command {msg.header.cmd}", errno.ENOSYS)
-            fds = await handler(self, msg, list(fds))
+            fds = await handler(self, msg, fds)
         except ErrnoError as exc:
             self._error(msg, exc.errno, str(exc))
         except (Disconnect, trio.Cancelled):
