@@ -31,8 +31,22 @@ def qemu() -> qemu_helpers.QemuInstall:
     return info
 
 
+@pytest.fixture(scope="session")
+def qemu_offload(qemu: qemu_helpers.QemuInstall) -> qemu_helpers.QemuInstall:
+    """The install with the patched qemu-system-s390x (.ci/provision-qemu-offload)."""
+    info = qemu.offload()
+    if info is None:
+        reason = ("patched QEMU not provisioned: run .ci/provision-qemu-offload "
+                  f"(no usable {qemu_helpers.qemu_root() / qemu_helpers.OFFLOAD_ENV_NAME})")
+        if os.environ.get("ZPCID_REQUIRE_QEMU_OFFLOAD") == "1":
+            pytest.fail(reason, pytrace=False)
+        pytest.skip(reason)
+    return info
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Tests that use the ``qemu`` fixture are ``interop`` tests."""
     for item in items:
-        if "qemu" in getattr(item, "fixturenames", ()):
+        names = getattr(item, "fixturenames", ())
+        if "qemu" in names or "qemu_offload" in names:
             item.add_marker(pytest.mark.interop)

@@ -28,6 +28,8 @@ from typing import Any, Iterable, Sequence
 
 DEFAULT_ROOT = "/var/cache/zpcid/sid"
 ENV_NAME = "zpcid-qemu.env"
+# Written by .ci/provision-qemu-offload: the patched qemu-system-s390x.
+OFFLOAD_ENV_NAME = "zpcid-qemu-offload.env"
 START_MARKER = "ZPCID-GUEST-START"
 DONE_MARKER = "ZPCID-GUEST-DONE"
 
@@ -62,6 +64,17 @@ class QemuInstall:
 
     def __getitem__(self, arch: str) -> GuestArch:
         return self.arches[arch]
+
+    def offload(self) -> "QemuInstall | None":
+        """The same install with s390x's QEMU replaced by the patched build
+        (zPCI offload, contrib/qemu), or None when it was not provisioned."""
+        path = self.env.get("ZPCID_QEMU_S390X_OFFLOAD")
+        if not path or not os.access(path, os.X_OK):
+            return None
+        s390x = dataclasses.replace(self.arches["s390x"], qemu=Path(path))
+        return dataclasses.replace(
+            self, arches={**self.arches, "s390x": s390x},
+            version_string=self.env.get("ZPCID_QEMU_OFFLOAD_VERSION_STRING", ""))
 
 
 @dataclasses.dataclass
@@ -127,6 +140,11 @@ def find_qemu(root: str | os.PathLike[str] | None = None) -> QemuInstall | None:
         return None
     try:
         env = parse_env_file(env_path)
+        offload_env = base / OFFLOAD_ENV_NAME
+        if offload_env.is_file():
+            env |= parse_env_file(offload_env)
+        if os.environ.get("ZPCID_QEMU_S390X_OFFLOAD"):  # a development build
+            env["ZPCID_QEMU_S390X_OFFLOAD"] = os.environ["ZPCID_QEMU_S390X_OFFLOAD"]
         arches = {}
         for arch in ARCHES:
             sfx = _ENV_SUFFIX[arch]
@@ -408,7 +426,8 @@ sync
 # ----------------------------------------------------------------------- run
 
 
-def base_args(arch: str, memory_mb: int = 512, shared_memory: bool = True) -> list[str]:
+def base_args(arch: str, memory_mb: int = 512, shared_memory: bool = True,
+              reboot: bool = False) -> list[str]:
     """Machine/memory/console arguments common to every guest.
 
     With ``shared_memory`` guest RAM is a shareable memfd, which
@@ -421,7 +440,9 @@ def base_args(arch: str, memory_mb: int = 512, shared_memory: bool = True) -> li
         ]  # fmt: skip
     # No default NIC (and no VGA on x86): the guest's PCI topology then only
     # holds the machine's own functions plus what the caller adds.
-    args += ["-nographic", "-no-reboot", "-nic", "none"]
+    args += ["-nographic", "-nic", "none"]
+    if not reboot:
+        args.append("-no-reboot")
     if arch == "x86_64":
         args += ["-vga", "none"]
     return args
@@ -452,6 +473,7 @@ def guest_command(
     quiet: bool = True,
     initrd: str | os.PathLike[str] | None = None,
     extra_files: dict[str, bytes] | None = None,
+    reboot: bool = False,
 ) -> list[str]:
     """The QEMU command line for a guest (the initramfs is built in ``tmp``).
 
@@ -459,7 +481,8 @@ def guest_command(
     script is responsible for loading them — pass ``modules`` and build the
     script with :func:`guest_script_for` to do both. ``qemu_args`` are
     appended to the command line (e.g. ``-device ...``), ``append`` to the
-    kernel command line.
+    kernel command line. With ``reboot`` a guest reboot restarts it (no
+    ``-no-reboot``).
     """
     ga = qemu[arch]
     if initrd is None:
@@ -470,7 +493,7 @@ def guest_command(
         cmdline += " quiet"
     if append:
         cmdline += " " + append
-    return [str(ga.qemu), *base_args(arch, memory_mb, shared_memory),
+    return [str(ga.qemu), *base_args(arch, memory_mb, shared_memory, reboot),
             "-kernel", str(ga.kernel), "-initrd", str(initrd),
             "-append", cmdline, *qemu_args]  # fmt: skip
 
