@@ -483,7 +483,8 @@ async def campaign(*, seed: int, messages: int, trees: int, virtq_rounds: int,
     # one received descriptor (eventfd, pipe or memfd) still open.  More than a
     # few is a systematic leak, e.g. one per session.
     if len(leaked) > MAX_LEAKED_FDS:
-        raise FuzzFailure(f"descriptors leaked: {_describe(leaked)}")
+        counts = {k: v for k, v in stats.items() if k != "leaked"}
+        raise FuzzFailure(f"descriptors leaked after {counts}: {_describe(leaked)}")
     stats["seed"] = seed
     return stats
 
