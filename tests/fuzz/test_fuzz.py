@@ -40,3 +40,42 @@ def test_fuzz_finds_a_planted_leak(monkeypatch):
     finally:
         for fd in kept:
             os.close(fd)
+
+
+# The first connection of this seed opens with a DMA_MAP carrying a memfd
+# instead of VERSION (the 3 % hostile-first-message branch).
+FIRST_MESSAGE_WITH_FD_SEED = 1154
+
+
+async def test_hostile_first_message_leaves_no_descriptor(tmp_path):
+    """Regression for the long run's leak: a session opened by a command with a
+    descriptor (refused before VERSION) leaves no descriptor open in this process,
+    neither the daemon's received copy nor the harness's own."""
+    import gc
+    import random
+
+    import trio
+
+    from zpcid.devices.memory import MemoryFunction
+    from zpcid.zpci.properties import ZpciProperties
+
+    rng = random.Random(FIRST_MESSAGE_WITH_FD_SEED)
+    probe = fuzz.MessageFuzzer(random.Random(FIRST_MESSAGE_WITH_FD_SEED))
+    try:
+        assert probe.rng.random() >= 0.97
+        _, fds = probe.one()
+        assert fds  # the seed still exercises a first message with a descriptor
+        fuzz.close_fds(fds)
+    finally:
+        probe.close()
+
+    before = fuzz.open_fds()
+    stats = fuzz._new_stats()
+    fn = MemoryFunction("fz-first", zpci=ZpciProperties(fid=0x20, uid=0x2000))
+    async with fuzz.served(fn, str(tmp_path), "mem") as server:
+        await fuzz.fuzz_messages(server.path, rng, 20, stats)
+        with trio.fail_after(fuzz.ANSWER_TIMEOUT):
+            while server.attached:
+                await trio.sleep(0.01)
+    gc.collect()
+    assert fuzz._describe(fuzz.open_fds() - before) == []

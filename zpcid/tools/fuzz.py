@@ -61,7 +61,7 @@ from zpcid.zpci.properties import ZpciProperties
 
 ANSWER_TIMEOUT = 30.0  # generous: a function that misses it is frozen
 SDMA = 0x1_0000_0000
-MAX_LEAKED_FDS = 2
+MAX_LEAKED_FDS = 0  # any descriptor still open at the end is a leak
 
 
 class FuzzFailure(AssertionError):
@@ -294,8 +294,15 @@ async def fuzz_messages(path: str, rng: random.Random, count: int, stats: dict) 
             try:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(_drain, transport, client_mem, stats)
-                    first = fz.version() if rng.random() < 0.97 else fz.one()[0]
-                    transport.send_nowait(first)
+                    # A hostile first message carries its descriptors too; they
+                    # are ours to close like every other message's.
+                    first, first_fds = (fz.version(), []) if rng.random() < 0.97 else fz.one()
+                    try:
+                        if not transport.send_nowait(first, first_fds):
+                            with trio.fail_after(ANSWER_TIMEOUT):
+                                await transport.flush()
+                    finally:
+                        close_fds(first_fds)
                     per_conn = rng.choice([50, 500, 5000])
                     for _ in range(per_conn):
                         msg, fds = fz.one()
@@ -479,9 +486,6 @@ async def campaign(*, seed: int, messages: int, trees: int, virtq_rounds: int,
     leaked = open_fds() - fds_before
     stats["leaked_fds"] = len(leaked)
     stats["leaked"] = _describe(leaked)
-    # Known open finding (docs/reliability.md): about one run in four ends with
-    # one received descriptor (eventfd, pipe or memfd) still open.  More than a
-    # few is a systematic leak, e.g. one per session.
     if len(leaked) > MAX_LEAKED_FDS:
         counts = {k: v for k, v in stats.items() if k != "leaked"}
         raise FuzzFailure(f"descriptors leaked after {counts}: {_describe(leaked)}")
