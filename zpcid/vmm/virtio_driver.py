@@ -391,14 +391,18 @@ class VirtioPciDriver:
         """One task per queue reaping its used ring when the queue's eventfd fires."""
         assert self.nursery is not None
         self._reapers = scope = trio.CancelScope()
+        self._reapers_done = done = trio.Event()
 
         async def run(task_status=trio.TASK_STATUS_IGNORED):
-            with scope:
-                async with trio.open_nursery() as n:
-                    for q in self.queues:
-                        if q.eventfd >= 0:
-                            await n.start(q.reaper)
-                    task_status.started()
+            try:
+                with scope:
+                    async with trio.open_nursery() as n:
+                        for q in self.queues:
+                            if q.eventfd >= 0:
+                                await n.start(q.reaper)
+                        task_status.started()
+            finally:
+                done.set()
 
         await self.nursery.start(run)
 
@@ -406,6 +410,9 @@ class VirtioPciDriver:
         """Tear the queues down (as after a reset or NEEDS_RESET) and bring the device up again."""
         if self._reapers is not None:
             self._reapers.cancel()
+            # A reaper woken by its eventfd may not have run yet: its fd must
+            # stay open until it has seen the cancellation.
+            await self._reapers_done.wait()
         self.close()
         self.queues = []
         await self.init(**init)
