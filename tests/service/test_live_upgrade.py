@@ -9,6 +9,7 @@ import os
 import signal
 import struct
 import subprocess
+import sys
 
 import pytest
 import trio
@@ -19,7 +20,7 @@ from zpcid.vfio_user.memfd import Memfd
 from zpcid.vmm import client as vclient
 from helpers import prepare_vmm
 from fake_systemd import FakeSystemd
-from .conftest import ZPCID
+from .conftest import ZPCID, memfn
 
 MSIX = C.VFIO_PCI_MSIX_IRQ_INDEX
 
@@ -196,3 +197,145 @@ async def test_real_systemd_restart_keeps_the_vmm(daemons):
     finally:
         subprocess.run(["systemctl", "stop", unit], timeout=60)
         mem.close()
+
+
+def children(pid: int) -> set[int]:
+    out: set[int] = set()
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            out |= {int(p) for p in f.read().split()}
+    return out
+
+
+def fd_kinds(pid: int) -> list[str]:
+    """What each open descriptor is (socket, pipe, memfd, ...), without inode numbers."""
+    kinds = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except FileNotFoundError:
+            continue
+        kinds.append(target.split(":")[0] if ":" in target else target)
+    return sorted(kinds)
+
+
+async def test_upgrade_serves_the_vmm_while_the_new_process_starts(daemons, tmp_path):
+    """The workers keep serving their VMMs through the supervisor's exec (held here until
+    we let it go on) and are then replaced by pre-started ones; a client that never stops
+    sending sees every answer, the same state and a connection that never closes."""
+    d = daemons().start()
+    marker = tmp_path / "go"
+    wrapper = tmp_path / "zpcid-held"
+    wrapper.write_text(
+        f"#!{sys.executable}\nimport os, sys, time\n"
+        f"while not os.path.exists({str(marker)!r}):\n    time.sleep(0.02)\n"
+        "os.execv(sys.executable, [sys.executable, '-m', 'zpcid.cli', *sys.argv[1:]])\n")
+    wrapper.chmod(0o755)
+    mem = Memfd(1 << 20)
+    try:
+        async with vclient.connect(d.socket("f1")) as c:
+            fds = await prepare_vmm(c, mem)
+            await c.region_write(4, Mem.REG_SCRATCH, struct.pack("<I", 0x600D))
+            before, daemon_pid = pids(d), d.proc.pid
+            await trio.sleep(0.2)  # the server closes its end of that `list`
+            fds_before = fd_kinds(daemon_pid)
+            answered = [0]
+            stop = trio.Event()
+
+            async def keep_asking():
+                while not stop.is_set():
+                    assert await c.region_read(4, Mem.REG_SCRATCH, 4) == struct.pack("<I", 0x600D)
+                    answered[0] += 1
+                    await trio.sleep(0.001)
+
+            async with trio.open_nursery() as n:
+                n.start_soon(keep_asking)
+                result = []
+                n.start_soon(lambda: _run_into(result, d.ctl, "upgrade", "--binary", str(wrapper)))
+                with trio.fail_after(30):  # the supervisor is gone: the held wrapper runs
+                    while str(wrapper) not in _cmdline(daemon_pid):
+                        await trio.sleep(0.02)
+                # No supervisor at all now, yet the function answers, DMAs and interrupts.
+                seen = answered[0]
+                await works(c, mem, fds, 0x600D, 1)
+                with trio.fail_after(10):
+                    while answered[0] < seen + 20:
+                        await trio.sleep(0.01)
+                marker.touch()
+                with trio.fail_after(60):
+                    while not result:
+                        await trio.sleep(0.05)
+                stop.set()
+            rc, out, err = result[0]
+            assert rc == 0, err + out + d.log()[-3000:]
+            assert d.ctl_json("stats")["pid"] == daemon_pid
+            after = pids(d)
+            assert after[1] != before[1] and after[2] != before[2]  # new code in every worker
+            assert not c._eof.is_set()
+            await works(c, mem, fds, 0x600D, 2)
+            handover = d.ctl_json("stats")["last_handover"]
+            assert handover["kind"] == "upgrade" and handover["replaced"] == 2 and not handover["failed"]
+            # The old workers and their zygote are gone (reaped, not left as zombies): the
+            # supervisor has one child again, and exactly the descriptors it had before.
+            # (A control connection just answered may still be closing: hence "until".)
+            with trio.fail_after(20):
+                while len(children(daemon_pid)) != 1 or any(
+                        os.path.exists(f"/proc/{p}") for p in before.values()) \
+                        or fd_kinds(daemon_pid) != fds_before:
+                    await trio.sleep(0.05)
+            for fd in fds:
+                os.close(fd)
+        assert d.stop() == 0
+    finally:
+        mem.close()
+
+
+async def test_a_successor_that_cannot_start_leaves_the_old_worker_serving(daemons, tmp_path):
+    backing = tmp_path / "bar0"
+    d = daemons(functions=[memfn(1, backing=str(backing)), memfn(2)]).start()
+    mem = Memfd(1 << 20)
+    try:
+        async with vclient.connect(d.socket("f1")) as c:
+            fds = await prepare_vmm(c, mem)
+            await c.region_write(4, Mem.REG_SCRATCH, struct.pack("<I", 0xB0B))
+            before = pids(d)
+            # The running worker has the file open; a new one cannot open a directory.
+            backing.unlink()
+            backing.mkdir()
+            rc, out, err = await trio.to_thread.run_sync(d.ctl, "restart", "1")
+            assert rc != 0 and "backing" in err
+            assert pids(d) == before
+            await works(c, mem, fds, 0xB0B, 0)
+            # An upgrade replaces what it can; fid 1 goes on in its old worker.
+            rc, out, err = await trio.to_thread.run_sync(d.ctl, "upgrade")
+            assert rc == 0, err + out
+            after = pids(d)
+            assert after[1] == before[1] and after[2] != before[2]
+            handover = d.ctl_json("stats")["last_handover"]
+            assert handover["replaced"] == 1 and list(handover["failed"]) == ["0x1"]
+            await works(c, mem, fds, 0xB0B, 1)
+            events = [e.get("event") for e in d.events()]
+            assert "worker_upgrade_failed" in events
+            # once the cause is gone, the adopted worker is replaced like any other
+            backing.rmdir()
+            rc, out, err = await trio.to_thread.run_sync(d.ctl, "restart", "1")
+            assert rc == 0, err
+            assert pids(d)[1] != before[1]
+            await works(c, mem, fds, 0xB0B, 2)
+            for fd in fds:
+                os.close(fd)
+        assert d.stop() == 0
+    finally:
+        mem.close()
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+async def _run_into(result: list, fn, *args) -> None:
+    result.append(await trio.to_thread.run_sync(fn, *args))

@@ -22,6 +22,11 @@ from zpcid.vfio_user.transport import _fds_from_ancdata, close_fds
 MAX_FRAME = 16 << 20  # a mappings reply of a large shadow IOTLB fits; nothing larger is needed
 MAX_FDS = 253  # SCM_MAX_FD
 MAX_DEPTH = 64  # JSON nesting accepted from a peer
+# A frame once begun is finished even if the task is cancelled, so a channel
+# whose reader or writer stops (an upgrade passes channels on through exec)
+# is always left at a frame boundary; a peer that stalls mid-frame this long
+# has broken the framing.
+FRAME_TIMEOUT = 10.0
 _LEN = struct.Struct("<I")
 _ANC = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
 
@@ -104,9 +109,13 @@ class Channel:
         async with self._send_lock:
             try:
                 n = await self.sock.sendmsg([data], _ancdata(fds))
-                while n < len(data):
-                    data = data[n:]
-                    n = await self.sock.send(data)
+                if n < len(data):
+                    with trio.CancelScope(shield=True), trio.move_on_after(FRAME_TIMEOUT) as late:
+                        while n < len(data):
+                            data = data[n:]
+                            n = await self.sock.send(data)
+                    if late.cancelled_caught:
+                        raise Closed("channel send stalled mid-frame")
             except (OSError, trio.ClosedResourceError) as exc:
                 raise Closed(f"channel send failed: {exc}") from None
 
@@ -135,11 +144,19 @@ class Channel:
         """The next frame and the descriptors that came with it (caller owns them)."""
         prefix, fds = await self._read(_LEN.size, True)
         try:
-            body, _ = await self._read(_length(prefix), False)
+            n = _length(prefix)
+            with trio.CancelScope(shield=True), trio.move_on_after(FRAME_TIMEOUT) as late:
+                body, _ = await self._read(n, False)
+            if late.cancelled_caught:
+                raise ChannelError("peer stalled mid-frame")
             return decode(body), fds
         except BaseException:
             close_fds(fds)
             raise
+
+    def detach(self) -> int:
+        """Our socket's fd, no longer ours to close (it goes on to another owner)."""
+        return self.sock.detach()
 
     def close(self) -> None:
         self.sock.close()

@@ -96,6 +96,7 @@ class Daemon:
         self._exec_argv: list[str] | None = None  # set by `upgrade`: re-exec once stopped
         self._fdstore = False  # set on SIGTERM under systemd with an fd store: hand over into it
         self._handover: ho.Bundle | None = None
+        self._retired: list[Zygote] = []  # zygotes of an upgraded-from supervisor, until their workers go
 
     # ------------------------------------------------------------------ main
     async def run(self) -> None:
@@ -157,6 +158,8 @@ class Daemon:
                         self.log.info("stopping", functions=len(self.functions))
                         await self._stop_all()
                     await self.zygote.aclose()
+                    for z in self._retired:
+                        await z.aclose()
                     nursery.cancel_scope.cancel()
             finally:
                 if self._handover is None:
@@ -247,11 +250,14 @@ class Daemon:
 
     # ------------------------------------------------------------------ functions
     async def _start(self, fc: cfg.FunctionConfig, origin: str, listener=None,
-                     restore: tuple[dict, list[int]] | None = None) -> Managed:
+                     restore: tuple[dict, list[int]] | None = None,
+                     adopt: tuple[dict, int, Zygote] | None = None) -> Managed:
         """Listen on the function's socket and start its worker; ConfigError if either fails.
 
         ``listener``: the socket of the function this one replaces (same path), kept open
-        so a VMM never finds the path missing.
+        so a VMM never finds the path missing. ``restore``: the state to start from;
+        ``adopt``: instead of starting a worker, take over the running one an upgrade
+        kept alive (its entry, channel fd and the retired zygote that forked it).
         """
         d = self.config.daemon
         ids = {"fid": fc.fid, "uid": fc.uid}
@@ -267,6 +273,10 @@ class Daemon:
                     self.log.warning("socket_chown_failed", socket=fc.socket, error=str(exc), **ids)
         m = Managed(fc, listener, origin, self)
         m.worker.restore = restore
+        if adopt is not None:
+            entry, fd, zygote = adopt
+            m.worker.adopt_process(int(entry["pid"]), fd, int(entry.get("next_id", 0)),
+                                   bool(entry.get("attached")), zygote)
         try:
             await self._nursery.start(self._run_function, m)
         except CommandError as exc:
@@ -451,7 +461,7 @@ class Daemon:
             raise CommandError("busy", "a hand-over is already under way")
         argv = [binary, *sys.argv[1:]] if binary else [sys.executable, "-m", "zpcid.cli",
                                                       *sys.argv[1:]]
-        await self._hand_over()
+        await self._pass_workers()
         self._exec_argv = argv
         functions = len(self._handover.doc["functions"])
         self._nursery.start_soon(self._stop_after_reply)
@@ -462,6 +472,36 @@ class Daemon:
         self._stop.set()
 
     # ------------------------------------------------------------------ hand-over
+    async def _pass_workers(self) -> None:
+        """For an upgrade: leave every worker (and the zygote that forked them) running
+        and serving its VMM; ``self._handover`` holds their channels and the listening
+        sockets for the next process, which replaces the workers one by one with
+        pre-started ones. No VMM waits for this process's exec."""
+        async with self._lock:
+            if self._handover is not None:
+                raise CommandError("busy", "a hand-over is already under way")
+            managed = sorted(self.functions.values(), key=lambda m: m.fid)
+            bundle = ho.Bundle({"functions": [], "asked_at": time.monotonic()})
+            workers: list[int] = []
+            for m in managed:
+                entry = {"config": attrs.asdict(m.config), "origin": m.origin,
+                         "listen": bundle.add_fd(m.listener.fileno()), "state": None, "fds": []}
+                w = await m.worker.detach()  # None: restarting; the next process starts it clean
+                if w is not None:
+                    entry["worker"] = {"pid": w["pid"], "channel": bundle.add_fd(w["fd"]),
+                                       "next_id": w["next_id"], "attached": w["attached"]}
+                    workers.append(w["pid"])
+                bundle.doc["functions"].append(entry)
+            z = await self.zygote.detach()
+            if z is not None:
+                bundle.doc["zygote"] = {"pid": z["pid"], "channel": bundle.add_fd(z["fd"]),
+                                        "next_id": z["next_id"], "workers": workers}
+            for m in managed:
+                m.scope.cancel()
+            self._handover = bundle
+            self.log.info("handover_prepared", functions=len(managed), workers=len(workers),
+                          fds=len(bundle.fds))
+
     async def _hand_over(self) -> None:
         """Quiesce and snapshot every worker, then let them go; ``self._handover`` holds
         everything the next process needs.  Nothing changes if a snapshot fails."""
@@ -543,31 +583,107 @@ class Daemon:
             return set()
         taken: set[int] = set()
         entries = bundle.doc.get("functions", [])
+        retired = self._retired_zygote(bundle)
+        adopted: list[Managed] = []
 
         async def start(i: int, entry: dict) -> None:
             fds = [bundle.fds[j] for j in entry["fds"]]
+            worker = entry.get("worker")
+            if worker is not None:
+                fds.append(bundle.fds[worker["channel"]])
             listener = trio.socket.from_stdlib_socket(socket.socket(fileno=bundle.fds[entry["listen"]]))
             try:
                 fc = cfg.FunctionConfig(**entry["config"])
                 restore = (entry["state"], fds) if entry["state"] is not None else None
-                await self._start(fc, entry["origin"], listener, restore=restore)
-            except (cfg.ConfigError, TypeError, KeyError) as exc:
-                # Its VMM sees the connection close (these were the last copies).
+                adopt = (worker, fds.pop(), retired) if worker is not None else None
+                m = await self._start(fc, entry["origin"], listener, restore=restore, adopt=adopt)
+            except (cfg.ConfigError, TypeError, KeyError, ValueError) as exc:
+                # Its VMM sees the connection close (these were the last copies; a running
+                # worker exits when its channel closes).
                 self.log.error("handover_function_failed", error=str(exc), entry=i)
                 _close_all(fds)
                 listener.close()
                 return
             taken.add(fc.fid)
+            if worker is not None:
+                adopted.append(m)
 
         # In parallel: every VMM waits for the slowest start, not for the sum.
         async with trio.open_nursery() as nursery:
             for i, entry in enumerate(entries):
                 nursery.start_soon(start, i, entry)
+        if adopted or "asked_at" in bundle.doc:
+            self._nursery.start_soon(self._upgrade_workers, adopted,
+                                     float(bundle.doc.get("asked_at", time.monotonic())))
+            return taken
         pause = time.monotonic() - float(bundle.doc.get("quiesced_at", time.monotonic()))
         self.last_handover = {"kind": "upgrade", "functions": len(taken),
                               "pause_ms": round(pause * 1e3, 3)}
         self.log.info("handover_restored", functions=len(taken), pause_ms=round(pause * 1e3, 2))
         return taken
+
+    def _retired_zygote(self, bundle: ho.Bundle) -> Zygote:
+        """The previous supervisor's zygote, still reaping the workers we adopt; without
+        one (it had died), a stand-in that never reports an exit."""
+        fmt, level = log.settings()
+        z = bundle.doc.get("zygote")
+        if z is None:
+            return Zygote.retired(fmt, level)
+        try:
+            retired = Zygote.inherited(fmt, level, int(z["pid"]), bundle.fds[z["channel"]],
+                                       int(z.get("next_id", 0)), [int(p) for p in z["workers"]])
+        except (KeyError, TypeError, ValueError, IndexError, OSError) as exc:
+            self.log.error("handover_zygote_unusable", error=str(exc))
+            return Zygote.retired(fmt, level)
+        self._nursery.start_soon(retired.run)
+        self._retired.append(retired)
+        return retired
+
+    async def _upgrade_workers(self, managed: list[Managed], asked: float) -> None:
+        """After an upgrade's exec: replace each adopted worker (older code) by a new one.
+
+        Every successor is started and has built its function before any function
+        pauses; then one function at a time pauses only for its own quiesce, snapshot
+        and restore. A successor that cannot start leaves the old worker serving."""
+        async with self._lock:
+            failed: dict[str, str] = {}
+            successors: dict[int, Any] = {}
+            try:
+                await self.zygote.ready()
+            except CommandError as exc:
+                failed = {f"{m.fid:#x}": exc.message for m in managed}
+            else:
+                async def prepare(m: Managed) -> None:
+                    try:
+                        successors[m.fid] = await m.worker.prepare_successor()
+                    except CommandError as exc:
+                        failed[f"{m.fid:#x}"] = exc.message
+
+                async with trio.open_nursery() as n:
+                    for m in managed:
+                        n.start_soon(prepare, m)
+            pauses = []
+            for m in managed:
+                successor = successors.get(m.fid)
+                if successor is None:
+                    continue
+                if self.functions.get(m.fid) is not m:
+                    await m.worker.discard(successor)
+                    continue
+                try:
+                    pauses.append((await m.worker.switch_to(successor))["pause_ms"])
+                except CommandError as exc:
+                    failed[f"{m.fid:#x}"] = exc.message
+            for fid, error in failed.items():
+                self.log.error("worker_upgrade_failed", fid=fid, error=error,
+                               action="the old worker goes on serving")
+            self.last_handover = {"kind": "upgrade", "functions": len(managed),
+                                  "replaced": len(pauses), "failed": failed,
+                                  "pause_ms": max(pauses, default=0.0),
+                                  "total_ms": round((time.monotonic() - asked) * 1e3, 3)}
+            self.log.info("handover_restored", functions=len(managed), replaced=len(pauses),
+                          pause_ms=self.last_handover["pause_ms"],
+                          total_ms=self.last_handover["total_ms"])
 
     async def cmd_list(self, args):
         return [m.summary() for _, m in sorted(self.functions.items())]

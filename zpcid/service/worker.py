@@ -70,6 +70,17 @@ class Worker:
             return 1
         if not await self._init(msg, fds):
             return 1
+        if (msg.get("args") or {}).get("standby"):
+            # Pre-started for a live restart: built, now wait for the function's state.
+            await self.channel.send({"id": msg.get("id"), "ok": True, "result": {"pid": os.getpid()}})
+            try:
+                msg, fds = await self.channel.recv()
+            except ChannelError:
+                self.function.close()
+                return 1
+            if not await self._start(msg, fds):
+                self.function.close()
+                return 1
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(self._serve_function)
@@ -89,29 +100,24 @@ class Worker:
         return 0
 
     async def _init(self, msg, fds) -> bool:
+        """``init``: build the function from its configuration; unless ``standby``, also
+        restore and listen (what ``start`` does for a pre-started worker)."""
         rid = msg.get("id")
         try:
             args = msg.get("args") or {}
-            restore = args.get("restore")
-            if msg.get("op") != "init" or not fds or (len(fds) != 1 and restore is None):
-                raise RequestError("bad-request", "expected 'init' with the listening socket")
-            if restore is not None:
-                # fds[0] is the listening socket, the rest the snapshot's (in its order)
-                snap_fds, fds[:] = fds[1:], fds[:1]
+            if msg.get("op") != "init" or not isinstance(args, dict):
+                raise RequestError("bad-request", "expected 'init'")
+            if bool(args.get("standby")) == bool(fds):
+                raise RequestError("bad-request", "'init' comes with the listening socket, "
+                                                  "or with 'standby' and no descriptors")
             self.fc = fc = function_config(args["function"])
+            self._socket_mode = args.get("socket_mode", 0o600)
             structlog.contextvars.bind_contextvars(fid=fc.fid, uid=fc.uid)
             set_process_name(f"zpcid-fn{fc.fid:x}")
             try:
                 self.function = fc.create()
             except cfg.ConfigError as exc:
                 raise RequestError("invalid", str(exc)) from None
-            resume = None
-            if restore is not None:
-                resume = self._restore_function(fc, restore, snap_fds)
-            listener = trio.socket.from_stdlib_socket(socket.socket(fileno=fds.pop()))
-            self.server = FunctionServer(self.function, fc.socket, mode=args.get("socket_mode", 0o600),
-                                         listener=listener, on_attached=self._attached, resume=resume)
-            return True
         except RequestError as exc:
             close_fds(fds)
             await self.channel.send(error(rid, exc.code, exc.message))
@@ -120,6 +126,27 @@ class Worker:
             close_fds(fds)
             await self.channel.send(error(rid, "bad-request", f"bad init: {exc}"))
             return False
+        return bool(args.get("standby")) or await self._start(msg, fds)
+
+    async def _start(self, msg, fds) -> bool:
+        """Restore the hand-over's state, if any, and take the listening socket: fds[0]
+        is that socket, the rest the snapshot's (in its order)."""
+        rid = msg.get("id")
+        args = msg.get("args")
+        if msg.get("op") not in ("init", "start") or not isinstance(args, dict) or not fds \
+                or (len(fds) != 1 and args.get("restore") is None):
+            close_fds(fds)
+            await self.channel.send(error(rid, "bad-request", "expected 'start' with the listening "
+                                                              "socket (and the snapshot's fds)"))
+            return False
+        listen, snap_fds = fds[0], fds[1:]
+        resume = None
+        if args.get("restore") is not None:
+            resume = self._restore_function(self.fc, args["restore"], snap_fds)
+        listener = trio.socket.from_stdlib_socket(socket.socket(fileno=listen))
+        self.server = FunctionServer(self.function, self.fc.socket, mode=self._socket_mode,
+                                     listener=listener, on_attached=self._attached, resume=resume)
+        return True
 
     def _restore_function(self, fc, doc, fds):
         """Become the function of a hand-over; on a snapshot this build cannot take,
