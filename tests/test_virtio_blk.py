@@ -19,7 +19,7 @@ from virtio_driver import (NEEDS_RESET, S_IOERR, S_OK, S_UNSUPP, T_DISCARD, T_FL
 from zpcid import snapshot as S
 from zpcid.vmm import client as zclient
 from zpcid.vmm.client import read_eventfd, wait_eventfd
-from zpcid.devices import TYPES, load_all
+from zpcid.devices import TYPES, load_all, uring
 from zpcid.devices.virtio_blk import VirtioBlkFunction
 from zpcid.pci.config import PCI_CAP_ID_MSIX, PCI_CAP_ID_VNDR
 from zpcid.devices.virtio import pci as vp
@@ -110,6 +110,8 @@ async def test_registered_type_and_option_errors(disk, tmp_path):
         VirtioBlkFunction("x", path=disk, queue_size=100)
     with pytest.raises(ValueError):
         VirtioBlkFunction("x", path="/dev/full")  # no size for a character device
+    with pytest.raises(ValueError, match="aio 'native' is not one of: io_uring, threads"):
+        VirtioBlkFunction("x", path=disk, aio="native")
 
 
 # ---------------------------------------------------------------------- data path
@@ -490,7 +492,8 @@ async def _reset_mid_io(fn, disk, sock_dir, how):
 
 @pytest.mark.parametrize("how", ["status", "device-reset"])
 async def test_reset_mid_io_stops_processing_and_keeps_file_consistent(disk, sock_dir, how):
-    fn = VirtioBlkFunction("vb0", path=disk, size="8M", io_threads=1)
+    # (one worker thread paces the requests, so the reset lands before the ring ran dry)
+    fn = VirtioBlkFunction("vb0", path=disk, size="8M", io_threads=1, aio="threads")
     await _reset_mid_io(fn, disk, sock_dir, how)
     fn.close()
 
@@ -592,13 +595,25 @@ async def _raw_rw(drv, rtype: int, sector: int, pieces: list[tuple[int, int]]) -
     return status
 
 
+def uring_or_skip() -> None:
+    try:
+        uring.Ring(8).close()
+    except uring.Unavailable as exc:
+        pytest.skip(f"no io_uring here: {exc}")
+
+
+@pytest.mark.parametrize("aio", ["io_uring", "threads"])
 @pytest.mark.parametrize("cache", ["none", "writeback", "writethrough", "directsync"])
-async def test_cache_modes_move_the_same_data(disk, sock_dir, cache):
-    fn = VirtioBlkFunction("vb0", path=disk, size="4M", cache=cache)
+async def test_cache_modes_move_the_same_data(disk, sock_dir, cache, aio):
+    if aio == "io_uring":
+        uring_or_skip()
+    fn = VirtioBlkFunction("vb0", path=disk, size="4M", cache=cache, aio=aio)
     direct = cache in ("none", "directsync")
     if direct:
         assert fcntl.fcntl(fn.backing.dfd, fcntl.F_GETFL) & os.O_DIRECT
     async with blk_guest(fn, sock_dir) as drv:
+        assert fn.describe()["virtio"]["aio"] == aio
+        ops = fn.ring_ops
         # FLUSH only where the device has a volatile cache (no O_DSYNC).
         assert bool(drv.device_features >> 9 & 1) == (cache in ("none", "writeback"))
         mem = drv.mem
@@ -628,6 +643,8 @@ async def test_cache_modes_move_the_same_data(disk, sock_dir, cache):
     assert host_read(disk, 0, len(aligned)) == aligned and host_read(disk, 200 * 512, 4096) == odd
     assert fn.describe()["virtio"]["cache"] == cache
     assert fn.stats["flushes"] == 1
+    # O_DIRECT requests and writes go through the ring (page-cache reads finish inline)
+    assert (fn.ring_ops > ops) == (aio == "io_uring")
     # Only the two unaligned requests went through a bounce buffer, and only under O_DIRECT.
     assert fn.describe()["virtio"]["bounced"] == (4 if direct else 0)
     fn.close()
@@ -734,7 +751,7 @@ async def test_snapshot_restore_continues_the_rings_in_a_fresh_function(disk, so
 
 async def test_snapshot_is_refused_with_requests_in_flight_and_restore_checks_the_disk(disk, sock_dir,
                                                                                       tmp_path):
-    fn = VirtioBlkFunction("vb0", path=disk, size="8M", io_threads=1)
+    fn = VirtioBlkFunction("vb0", path=disk, size="8M", io_threads=1, aio="threads")
     async with blk_guest(fn, sock_dir) as drv:
         await start_writes(fn, drv, drv.mem, 8, 256 * 1024)
         with pytest.raises(S.SnapshotError, match="in flight"):
@@ -811,7 +828,8 @@ async def test_rings_unmapped_under_a_live_queue_are_a_device_error_not_stale_me
 
 
 async def test_quiesce_finishes_requests_in_flight_then_snapshot_and_resume(disk, sock_dir):
-    fn = VirtioBlkFunction("vb0", path=disk, size="8M", io_threads=1, max_inflight=2)
+    # (one worker thread paces the requests, so the quiesce lands before the ring ran dry)
+    fn = VirtioBlkFunction("vb0", path=disk, size="8M", io_threads=1, max_inflight=2, aio="threads")
     nreq, size = 8, 256 * 1024
     async with blk_guest(fn, sock_dir) as drv:
         q = drv.queues[0]
@@ -836,4 +854,88 @@ async def test_quiesce_finishes_requests_in_flight_then_snapshot_and_resume(disk
     assert image[:4096] == pattern(31, 4096)
     for i in range(1, nreq):
         assert image[i * size : (i + 1) * size] == bytes([i + 1]) * size
+    fn.close()
+
+
+async def _ring_busy(fn, drv, nreq: int, size: int) -> int:
+    """Publish ``nreq`` writes (request i fills with byte i+1) and return, without a
+    checkpoint, while some are submitted to the function's io_uring and not yet reaped."""
+    q, mem = drv.queues[0], drv.mem
+    for i in range(nreq):
+        h, data = mem.alloc(32), mem.alloc(size)
+        mem.write(h, hdr(T_OUT, i * size // 512) + b"\xff")
+        mem.write(data, bytes([i + 1]) * size)
+        q.publish(await q.add([(h, 16, False), (data, size, False), (h + 16, 1, True)]))
+    await q.notify()
+    with trio.fail_after(WAIT):
+        while fn.ring is None or not fn.ring.pending:
+            await trio.sleep(0)
+    return len(fn.ring.pending)
+
+
+@pytest.mark.parametrize("cache", ["none", "writeback"])
+async def test_io_uring_requests_in_flight_block_snapshot_and_a_reset_drains_them(disk, sock_dir, cache):
+    uring_or_skip()
+    nreq, size = 32, 64 * 1024
+    fn = VirtioBlkFunction("vb0", path=disk, size="8M", cache=cache)
+    async with blk_guest(fn, sock_dir) as drv:
+        q, mem = drv.queues[0], drv.mem
+        ring = fn.ring
+        assert await _ring_busy(fn, drv, nreq, size) >= 1
+        # (no checkpoint since: the kernel still owns those buffers)
+        with pytest.raises(S.SnapshotError, match="in flight"):
+            fn.snapshot()
+        await drv.set_status(0)  # returns once every ring operation has completed
+        assert not ring.pending and not ring.accepting and ring.fd == -1
+        used = mem.u16(q.used + 2)
+        assert fn.stats["writes"] >= used
+        await trio.sleep(0.01)
+        assert mem.u16(q.used + 2) == used  # nothing reaches the old ring after the reset
+        await drv.reinit()
+        assert fn.ring is not None and fn.ring is not ring
+        for i in range(nreq):  # every request all or nothing, acknowledged ones on disk
+            block = await drv.read(0, i * size // 512, size)
+            assert block in (bytes(size), bytes([i + 1]) * size), i
+    image = host_read(disk, 0, nreq * size)
+    done = [image[i * size : (i + 1) * size] == bytes([i + 1]) * size for i in range(nreq)]
+    assert sum(done) >= used
+    fn.close()
+
+
+async def test_io_uring_quiesce_drains_the_ring_then_resume(disk, sock_dir):
+    uring_or_skip()
+    nreq, size = 16, 64 * 1024
+    fn = VirtioBlkFunction("vb0", path=disk, size="8M")
+    async with blk_guest(fn, sock_dir) as drv:
+        q = drv.queues[0]
+        ring = fn.ring
+        assert await _ring_busy(fn, drv, nreq, size) >= 1
+        with trio.fail_after(WAIT):
+            await fn.quiesce()
+        assert not ring.pending and ring.fd == -1  # the stopped service closed its ring
+        snap = fn.device_snapshot()
+        used = drv.mem.u16(q.used + 2)
+        assert snap.queues[0].used_idx == used >= 1
+        fn.resume()
+        with trio.fail_after(WAIT):
+            while drv.mem.u16(q.used + 2) != nreq:
+                await trio.sleep(0.005)
+        assert fn.describe()["virtio"]["aio"] == "io_uring"
+    image = host_read(disk, 0, nreq * size)
+    assert all(image[i * size : (i + 1) * size] == bytes([i + 1]) * size for i in range(nreq))
+    fn.close()
+
+
+async def test_io_uring_backing_errors_fail_the_request_only(sock_dir):
+    uring_or_skip()
+    fn = VirtioBlkFunction("vb0", path="/dev/full", size="1M")  # every write: ENOSPC
+    async with blk_guest(fn, sock_dir) as drv:
+        assert fn.describe()["virtio"]["aio"] == "io_uring"
+        ops = fn.ring_ops
+        with pytest.raises(DriverError, match="status 1"):
+            await drv.write(0, 0, bytes(4096))
+        assert fn.ring_ops == ops + 1  # the write went to the ring, which answered ENOSPC
+        assert await drv.read(0, 0, 4096) == bytes(4096)
+        assert await drv.status() & NEEDS_RESET == 0
+    assert fn.counters.errors["virtio_blk_backing"] == 1
     fn.close()

@@ -20,10 +20,10 @@ import struct
 from typing import Any
 
 import attrs
-import numpy as np
 import trio
 
 from zpcid.zpci.function import ZpciFunction
+from zpcid.devices import uring
 from zpcid.snapshot import Fd, Snapshot, SnapshotError, expect, require
 from zpcid.devices.virtio import pci as vp
 from zpcid.devices.virtio.queue import (Chain, GuardedDma, RingError, Service, SplitQueue, Stopped,
@@ -101,6 +101,10 @@ def parse_size(value: int | str | None) -> int | None:
 CACHE_MODES = {"writeback": (False, False), "none": (True, False),
                "writethrough": (False, True), "directsync": (True, True)}
 DEFAULT_CACHE = "writeback"
+# How reads, writes and flushes run (QEMU's aio=): submitted from the loop to an
+# io_uring, or in worker threads. io_uring falls back to threads where the kernel refuses it.
+AIO_MODES = ("io_uring", "threads")
+DEFAULT_AIO = "io_uring"
 _NOT_SUPPORTED = (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.ENODEV)
 
 
@@ -261,6 +265,15 @@ class BackingFile:
                 return False
         return True
 
+    def ring_fd(self, views: list[memoryview], offset: int, length: int) -> int:
+        """The descriptor a ring operation on these buffers uses, or -1 where only the
+        thread path can do it (an unaligned guest buffer under O_DIRECT: bounce buffer)."""
+        if len(views) > IOV_MAX:
+            return -1
+        if not self.direct or offset % self.align or length % self.align:
+            return self.fd
+        return self.dfd if self._aligned(views, offset, length) else -1
+
     def read_into(self, views: list[memoryview], offset: int) -> None:
         """Fill ``views`` from ``offset``; past the end of the file reads as zeros."""
         self._transfer(views, offset, write=False)
@@ -373,8 +386,8 @@ class _Bounce:
 
 
 def _address(view: memoryview) -> int:
-    """Process address of a buffer's first byte (read-only buffers too, which ctypes refuses)."""
-    return int(np.frombuffer(view, dtype=np.uint8).ctypes.data) if len(view) else 0
+    """Process address of a buffer's first byte."""
+    return uring.address(view) if len(view) else 0
 
 
 class VirtioBlkFunction(ZpciFunction):
@@ -385,13 +398,15 @@ class VirtioBlkFunction(ZpciFunction):
                  blk_size: int = SECTOR, io_threads: int = 8, max_inflight: int = 256,
                  discard: bool = True, write_zeroes: bool = True, event_idx: bool = True,
                  indirect: bool = True, access_platform: bool = True, cache: str = DEFAULT_CACHE,
-                 msix_vectors: int | None = None, **kw):
+                 aio: str = DEFAULT_AIO, msix_vectors: int | None = None, **kw):
         if queue_size < 2 or queue_size & (queue_size - 1) or queue_size > 32768:
             raise ValueError("queue_size must be a power of two in 2..32768")
         if blk_size < SECTOR or blk_size & (blk_size - 1):
             raise ValueError("blk_size must be a power of two >= 512")
         if io_threads < 1 or max_inflight < 1:
             raise ValueError("io_threads and max_inflight must be positive")
+        if aio not in AIO_MODES:
+            raise ValueError(f"aio {aio!r} is not one of: {', '.join(AIO_MODES)}")
         super().__init__(name, vendor=vp.VIRTIO_PCI_VENDOR_ID,
                          device=vp.VIRTIO_PCI_DEVICE_ID_BASE + VIRTIO_ID_BLOCK,
                          class_code=0x010000,  # mass storage, SCSI (as QEMU's virtio-blk-pci)
@@ -430,6 +445,10 @@ class VirtioBlkFunction(ZpciFunction):
         self.dma.listeners.append(self._dma_changed)
         self.limiter = trio.CapacityLimiter(io_threads)
         self.max_inflight = max_inflight
+        self.aio = aio
+        self.ring: uring.Ring | None = None  # the running service's io_uring (aio=io_uring)
+        self._aio_fallback_logged = False
+        self.ring_ops = 0  # reads, writes and flushes that went through an io_uring
         self.service: Service | None = None
         self.queues: dict[int, SplitQueue] = {}
         self.dirty = False  # writes not yet covered by an fsync
@@ -505,12 +524,35 @@ class VirtioBlkFunction(ZpciFunction):
                 # The previous driver's last writes land before this one's first.
                 await prev.done.wait()
             slots = trio.Semaphore(self.max_inflight)
-            async with trio.open_nursery() as requests:
-                for q in queues:
-                    q.kick.set()  # look at the ring once: buffers may predate DRIVER_OK
-                    requests.start_soon(self._queue_worker, svc, q, requests, slots, dma)
+            ring = self._open_ring()
+            try:
+                async with trio.open_nursery() as requests:
+                    if ring is not None:
+                        # (reaps after a stop too, until no operation is in flight)
+                        requests.start_soon(ring.reaper, lambda: svc.stopped)
+                        self.ring = ring
+                    for q in queues:
+                        q.kick.set()  # look at the ring once: buffers may predate DRIVER_OK
+                        requests.start_soon(self._queue_worker, svc, q, requests, slots, dma)
+            finally:
+                if ring is not None:
+                    if self.ring is ring:
+                        self.ring = None
+                    ring.close()
 
         service.start(main)
+
+    def _open_ring(self) -> "uring.Ring | None":
+        """An io_uring for this service's requests, or None (aio=threads, or refused here)."""
+        if self.aio != "io_uring":
+            return None
+        try:
+            return uring.Ring(self.max_inflight)
+        except (uring.Unavailable, OSError) as exc:
+            if not self._aio_fallback_logged:
+                self._aio_fallback_logged = True
+                self.log.warning("virtio_blk_aio_fallback", aio="threads", reason=str(exc))
+            return None
 
     # ------------------------------------------------------------------ service
     async def _stop_service(self) -> None:
@@ -755,6 +797,34 @@ class VirtioBlkFunction(ZpciFunction):
     async def _thread(self, fn, *args):
         return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
 
+    async def _move(self, views: list[memoryview], pos: int, length: int, *, write: bool) -> None:
+        """Data between the file at ``pos`` and guest buffers: through the io_uring where
+        one runs and the request suits it, the rest (bounce buffers, a short transfer,
+        an alignment O_DIRECT refused after all) through a worker thread."""
+        ring = self.ring
+        if ring is not None and ring.accepting:
+            fd = self.backing.ring_fd(views, pos, length)
+            if fd >= 0:
+                self.ring_ops += 1
+                res = await (ring.pwritev if write else ring.preadv)(fd, views, pos)
+                if res == length:
+                    return
+                if res < 0 and not (res == -errno.EINVAL and fd == self.backing.dfd):
+                    raise OSError(-res, os.strerror(-res))
+                if res > 0:  # a short transfer: the thread path carries on (or zero-fills)
+                    views, pos = _advance(views, res), pos + res
+        await self._thread(self.backing.write_from if write else self.backing.read_into, views, pos)
+
+    async def _flush(self) -> None:
+        ring = self.ring
+        if ring is not None and ring.accepting:
+            self.ring_ops += 1
+            res = await ring.fdatasync(self.backing.fd)
+            if res < 0:
+                raise OSError(-res, os.strerror(-res))
+        else:
+            await self._thread(self.backing.flush)
+
     async def _dispatch(self, rtype: int, sector: int, out_iov, out_len: int, in_iov, in_len: int,
                         dma: GuardedDma) -> tuple[int, int]:
         t = self.transport
@@ -768,7 +838,7 @@ class VirtioBlkFunction(ZpciFunction):
                 # this thread before a reset lets the driver reuse the buffers.
                 got = self.backing.read_nowait(views, pos) if in_len <= NOWAIT_MAX else 0
                 if got < in_len:
-                    await self._thread(self.backing.read_into, _advance(views, got), pos + got)
+                    await self._move(_advance(views, got), pos + got, in_len - got, write=False)
                 dma.service.check()
             else:
                 for off in range(0, in_len, IO_CHUNK):
@@ -785,7 +855,7 @@ class VirtioBlkFunction(ZpciFunction):
             views = dma.views(out_iov, False)
             self.dirty = True
             if views is not None:
-                await self._thread(self.backing.write_from, views, pos)
+                await self._move(views, pos, out_len, write=True)
             else:
                 for off in range(0, out_len, IO_CHUNK):
                     n = min(IO_CHUNK, out_len - off)
@@ -799,7 +869,7 @@ class VirtioBlkFunction(ZpciFunction):
             if not self.readonly and not self.backing.dsync:
                 self.dirty = False  # writes landing from now on need the next flush
                 try:
-                    await self._thread(self.backing.flush)
+                    await self._flush()
                 except BaseException:
                     self.dirty = True
                     raise
@@ -954,6 +1024,10 @@ class VirtioBlkFunction(ZpciFunction):
         d["virtio"] = {
             "path": self.backing.path, "readonly": self.readonly, "capacity": self.capacity,
             "cache": self.backing.cache, "bounced": self.backing.bounced,
+            # the engine the running queues use ("threads" where io_uring was refused)
+            "aio": "io_uring" if self.ring is not None else "threads" if self.aio == "threads"
+                   or self._aio_fallback_logged else self.aio,
+            "ring_ops": self.ring_ops,
             "status": t.status, "features": hex(t.features),
             "queues": [i for i, q in enumerate(t.queues) if q.enabled],
             **self.stats,
