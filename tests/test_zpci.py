@@ -50,7 +50,7 @@ async def test_clp_blocks_describe_the_function(sock_dir):
         assert q.sdma == SDMA and q.edma == SDMA + GUEST_MEM - 1  # RTR: full aperture
         assert Z.from_ebcdic(q.util_str) == "ZPCID TEST" and q.flags & Z.CLP_FN_UTIL_STR
         g = Z.ClpQueryPciFnGrpResponse.unpack(box.clp_block("group"))
-        assert g.flags & Z.CLP_FNGRP_RTR and g.flags & Z.CLP_FNGRP_REFRESH
+        assert g.flags & Z.CLP_FNGRP_RTR and not g.flags & Z.CLP_FNGRP_REFRESH  # compat 3: lazy
         assert g.maxstbl == 128 and g.dtsm == Z.ZPCI_DTSM_RTTO and g.noi == fn.msix.nvec
         # the same blocks come back through the CLP command
         req = Z.ClpQueryPciFnGrpRequest(pfgid=0x21).pack()
@@ -141,7 +141,7 @@ async def test_disabled_function_answers_cc3(sock_dir):
 
 
 async def test_rpcit_shadows_guest_tables_and_dma_follows(sock_dir):
-    fn = engine()
+    fn = engine(tlb_refresh=True)
     async with zpci_env(sock_dir, fn) as env:
         gt, mem = env.tables, env.mem
         assert (await env.register_ioat()).cc == 0
@@ -209,7 +209,7 @@ async def test_read_only_mapping_protects(sock_dir):
 
 
 async def test_walk_errors_put_function_in_error_state(sock_dir):
-    async with zpci_env(sock_dir, engine()) as env:
+    async with zpci_env(sock_dir, engine(tlb_refresh=True)) as env:
         assert (await env.register_ioat()).cc == 0
         iova = SDMA + 0x20_0000
         env.tables.map(iova, 0x40_0000, 2)
@@ -235,7 +235,7 @@ async def test_rpcit_outside_aperture_and_without_iota(sock_dir):
 
 
 async def test_dma_limit_insufficient_resources_then_global_refresh(sock_dir):
-    fn = engine(dma_limit=16)
+    fn = engine(dma_limit=16, tlb_refresh=True)
     async with zpci_env(sock_dir, fn) as env:
         gt = env.tables
         assert (await env.register_ioat(pal=SDMA + 16 * PAGE * 4 - 1)).cc == 0
@@ -251,6 +251,84 @@ async def test_dma_limit_insufficient_resources_then_global_refresh(sock_dir):
         assert (r.cc, r.status) == (0, 0)
         assert fn.zpci.shadow.mapped == 12
         assert ok(await dma(env, D.OP_FILL, 0, SDMA + 19 * PAGE, PAGE, 7))
+
+
+# ---------------------------------------------------------------- lazy translation (refresh bit off)
+
+
+def shadowed(env) -> int:
+    return env.box.u32(Zr.HDR_SHADOW)
+
+
+async def test_lazy_translation_dma_without_rpcit_then_invalidate(sock_dir):
+    fn = engine()  # compat 3: the group's refresh bit is off
+    async with zpci_env(sock_dir, fn) as env:
+        gt, mem, box = env.tables, env.mem, env.box
+        assert not Z.ClpQueryPciFnGrpResponse.unpack(box.clp_block("group")).flags & Z.CLP_FNGRP_REFRESH
+        assert (await env.register_ioat()).cc == 0
+        src_gpa, dst_gpa = 0x10_0000, 0x20_0000
+        iova_src, iova_dst = SDMA + 0x40_0000, SDMA + 0x80_0000
+        gt.map(iova_src, src_gpa, 4, writable=False)
+        gt.map(iova_dst, dst_gpa, 4)
+        payload = os.urandom(3 * PAGE + 100)
+        mem.write(src_gpa, payload)
+        # no RPCIT: the first DMA walks the tables and caches what it used
+        assert ok(await dma(env, D.OP_COPY, iova_src, iova_dst, len(payload)))
+        assert mem.read(dst_gpa, len(payload)) == payload
+        assert shadowed(env) == 8 and box.state == Zr.State.ENABLED
+        assert [(m["iova"], m["size"], m["gpa"], m["writable"]) for m in fn.zpci_mappings()] == \
+            [(iova_src, 4 * PAGE, src_gpa, False), (iova_dst, 4 * PAGE, dst_gpa, True)]
+        assert fn.counters.rpcit_calls == 0 and fn.counters.shadow_fills == 2
+        # cached: the same DMA again walks nothing
+        assert ok(await dma(env, D.OP_CRC32C, iova_dst, 0, len(payload)))
+        assert fn.counters.shadow_fills == 2
+        # the guest invalidates a page and refreshes it: DMA there faults, architected event
+        gt.unmap(iova_dst + PAGE, 1)
+        r = await box.rpcit(iova_dst + PAGE, PAGE)
+        assert (r.cc, r.status) == (0, 0) and shadowed(env) == 7
+        st = await dma(env, D.OP_FILL, 0, iova_dst, 2 * PAGE, 0x0101010101010101)
+        assert st & D.STATUS_ERROR and (st >> 8) & 0xFF == D.ERR_FAULT
+        fault = struct.unpack("<Q", await env.client.region_read(0, D.REG_FAULT_ADDR, 8))[0]
+        assert fault == iova_dst and box.state == Zr.State.ERROR  # the device names its access
+        (kind, pec, ccdf), = box.events()
+        assert (kind, pec) == (Z.ZPCI_EVENT_ERROR, Z.ZPCI_PEC_TRANSLATION_PROTECTION)
+        assert Z.ErrorCcdf.unpack(ccdf).faddr == iova_dst + PAGE
+        assert vclient.read_eventfd(env.err_fd) == 1
+        assert shadowed(env) == 7  # nothing invalid was cached
+        # recovery, then the guest maps the page again elsewhere, still no RPCIT
+        assert (await box.mpcifc(Z.ZPCI_MOD_FC_RESET_BLOCK, env.fib())).cc == 0
+        assert (await box.mpcifc(Z.ZPCI_MOD_FC_RESET_ERROR, env.fib())).cc == 0
+        gt.map(iova_dst + PAGE, 0x30_0000, 1)
+        assert ok(await dma(env, D.OP_FILL, 0, iova_dst, 2 * PAGE, 0x0202020202020202))
+        assert mem.read(0x30_0000, PAGE) == b"\2" * PAGE and mem.read(dst_gpa, PAGE) == b"\2" * PAGE
+        assert mem.read(dst_gpa + PAGE, 8) != b"\2" * 8
+        # Linux's flush queue refreshes the whole aperture: the shadow forgets, DMA refills it
+        r = await box.rpcit(SDMA, 32 << 20)
+        assert (r.cc, r.status) == (0, 0) and shadowed(env) == 0
+        assert ok(await dma(env, D.OP_COPY, iova_src, iova_dst, PAGE))
+        assert shadowed(env) == 2
+
+
+async def test_lazy_translation_dma_limit_bounds_the_cache_never_the_dma(sock_dir):
+    fn = engine(dma_limit=4)
+    async with zpci_env(sock_dir, fn) as env:
+        gt, mem = env.tables, env.mem
+        assert (await env.register_ioat(pal=SDMA + 4 * PAGE * 64 - 1)).cc == 0
+        gt.map(SDMA, 0x10_0000, 32)
+        assert ok(await dma(env, D.OP_FILL, 0, SDMA, 3 * PAGE, 0x0303030303030303))
+        assert shadowed(env) == 3 and env.box.u32(Zr.HDR_DMA_AVAIL) == 1
+        # three more pages do not fit: the cache is flushed and refilled
+        assert ok(await dma(env, D.OP_FILL, 0, SDMA + 8 * PAGE, 3 * PAGE, 0x0404040404040404))
+        assert shadowed(env) == 3
+        assert [m["iova"] for m in fn.zpci_mappings()] == [SDMA + 8 * PAGE]
+        # an access bigger than the whole limit is translated without caching
+        assert ok(await dma(env, D.OP_FILL, 0, SDMA + 16 * PAGE, 12 * PAGE, 0x0505050505050505))
+        assert mem.read(0x10_0000 + 16 * PAGE, 12 * PAGE) == b"\5" * 12 * PAGE
+        assert mem.read(0x10_0000, 3 * PAGE) == b"\3" * 3 * PAGE
+        assert shadowed(env) == 3 and env.box.state == Zr.State.ENABLED and env.box.events() == []
+        # RPCIT never answers insufficient resources without the refresh bit
+        r = await env.box.rpcit(SDMA, 32 * PAGE)
+        assert (r.cc, r.status) == (0, 0) and shadowed(env) == 0
 
 
 async def test_direct_mapping_under_relaxed_translation(sock_dir):

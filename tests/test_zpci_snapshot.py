@@ -163,6 +163,35 @@ async def test_direct_map_round_trip(sock_dir):
         assert fresh.zpci.state == Zr.State.ERROR
 
 
+async def test_snapshot_carries_the_refresh_bit(sock_dir):
+    """The guest was told the refresh bit: a restore keeps it whatever the new
+    configuration says, and a snapshot from before the property keeps the bit on."""
+    fn = D.DmaEngine("d0", zpci=props())  # compat 3: lazy translation
+    async with zpci_env(sock_dir, fn) as env:
+        assert (await env.register_ioat()).cc == 0
+        env.tables.map(SDMA, 0x10_0000, 4)
+        env.mem.write(0x10_0000, b"lazy")
+        assert await fn.dma_path.read(SDMA, 4) == b"lazy"  # a miss filled the shadow
+        snap = fn.snapshot()
+        assert snap.props["tlb_refresh"] is None and snap.props["compat"] == 3
+        fresh = D.DmaEngine("d1", zpci=props(tlb_refresh=True))  # configured otherwise now
+        fresh.restore(through_bytes(snap))
+        assert fresh.zpci.lazy and fresh.zpci_mappings() == fn.zpci_mappings()
+        group = Z.ClpQueryPciFnGrpResponse.unpack(fresh.zpci.query_group().pack())
+        assert not group.flags & Z.CLP_FNGRP_REFRESH
+        env.tables.map(SDMA + 4 * PAGE, 0x20_0000, 1)  # a new mapping, no RPCIT
+        env.mem.write(0x20_0000, b"new")
+        assert await fresh.dma_path.read(SDMA + 4 * PAGE, 3) == b"new"
+        fresh.close()
+        # a snapshot taken before tlb_refresh existed (its function ran at compat 2)
+        old = attrs.evolve(S.dup_fds(fn.snapshot()), props={k: v for k, v in snap.props.items()
+                                                            if k != "tlb_refresh"} | {"compat": 2})
+        fresh = D.DmaEngine("d2", zpci=props(tlb_refresh=False))
+        fresh.restore(old)
+        assert fresh.zpci.props.refresh and not fresh.zpci.lazy
+        fresh.close()
+
+
 def test_zpci_snapshot_of_an_unknown_mode_is_refused_and_fds_closed():
     fn = D.DmaEngine("d0", zpci=props())
     snap = S.dup_fds(fn.zpci.snapshot())

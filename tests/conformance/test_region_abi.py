@@ -144,6 +144,26 @@ async def test_clp_answers_in_the_response_block(sock_dir, access):
         assert (r.cc, r.writeback) == (0, 0)  # CLP never writes registers
 
 
+@pytest.mark.parametrize("mode,compat,tlb_refresh,refresh", [
+    (Zr.MODE_ZPCID, 3, None, False),  # level 3: zpcid fetches new translations itself
+    (Zr.MODE_ZPCID, 3, True, True),
+    (Zr.MODE_ZPCID, 2, None, True),  # levels 1 and 2 keep what their guests saw
+    (Zr.MODE_ZPCID, 2, False, False),
+    (Zr.MODE_VMM, 3, None, True),  # a VMM that translates needs every RPCIT
+    (Zr.MODE_VMM, 3, False, True),
+])
+async def test_query_group_refresh_bit(sock_dir, access, mode, compat, tlb_refresh, refresh):
+    fn = engine(compat=compat, tlb_refresh=tlb_refresh)
+    async with guest(sock_dir, fn, access, mode=mode, enable=False) as g:
+        block = await g.box.read(Zr.CLP_QUERY_GRP, Zr.CLP_QUERY_GRP_SIZE)
+        answer = await g.box.clp(Z.ClpQueryPciFnGrpRequest(pfgid=fn.zpci.props.pfgid).pack())
+        assert answer[:Zr.CLP_QUERY_GRP_SIZE] == block
+        grp = Z.ClpQueryPciFnGrpResponse.unpack(block)
+        assert grp.response_code == Z.CLP_RC_OK
+        assert bool(grp.flags & Z.CLP_FNGRP_REFRESH) is refresh
+        assert grp.flags & Z.CLP_FNGRP_RTR  # the rest of the block is unchanged
+
+
 # ==================================================================== MPCIFC
 
 
@@ -238,7 +258,7 @@ async def test_stpcifc_outcomes(sock_dir, access):
 
 
 async def test_rpcit_outcomes(sock_dir, access):
-    async with guest(sock_dir, engine(dma_limit=8), access) as g:
+    async with guest(sock_dir, engine(dma_limit=8, tlb_refresh=True), access) as g:
         fh = await g.fh()
         nothing_written(await g.rpcit(SDMA, PAGE, fh=fh & ~Z.FH_MASK_ENABLE), 3)
         # no IOTA: error state, event 0x01, cc 1 status 8 in r1
@@ -279,6 +299,44 @@ async def test_rpcit_outcomes(sock_dir, access):
         g.tables.map(SDMA + 0x4_0000, 0x30_0000, 8)
         status_in_r1(await g.rpcit(SDMA + 0x4_0000, 8 * PAGE), Z.ZPCI_RPCIT_ST_INSUFF_RES)
         assert await g.state() == Zr.State.ENABLED and (await g.header())["dma_available"] == 0
+
+
+async def test_rpcit_outcomes_without_refresh_bit(sock_dir, access):
+    """Refresh bit off: RPCIT keeps its handle, state and range rows, then only
+    drops the range from the shadow; the tables are walked by device DMA."""
+    async with guest(sock_dir, engine(dma_limit=8), access) as g:
+        fh = await g.fh()
+        nothing_written(await g.rpcit(SDMA, PAGE, fh=fh & ~Z.FH_MASK_ENABLE), 3)
+        status_in_r1(await g.rpcit(SDMA, PAGE), Z.ZPCI_PCI_ST_FUNC_IN_ERR)
+        assert [(p, c.faddr) for _, p, c in await g.events()] == [(Z.ZPCI_PEC_INVALID_AS, SDMA)]
+        status_in_r1(await g.rpcit(SDMA, PAGE), Z.ZPCI_PCI_ST_FUNC_NOT_AVAIL)
+        await g.recover()
+        pal = SDMA + (1 << 20) - 1
+        assert (await g.register_ioat(pal=pal)).cc == 0
+        for start, length in ((pal + 1, PAGE), (SDMA - 2 * PAGE, PAGE), (pal + 1, 0)):
+            status_in_r1(await g.rpcit(start, length), Z.ZPCI_PCI_ST_FUNC_IN_ERR)
+            assert [(p, c.faddr) for _, p, c in await g.events()] == [(Z.ZPCI_PEC_OUT_OF_RANGE, start)]
+            await g.recover()
+        # a zero segment entry is not RPCIT's business any more ...
+        iova = SDMA + 0x8_0000
+        g.tables.map(iova, 0x20_0000, 1)
+        seg = g.tables.segment_entry(iova)
+        g.tables.set_segment_entry(iova, 0)
+        nothing_written(await g.rpcit(iova, PAGE), 0)
+        assert await g.events() == []
+        g.tables.set_segment_entry(iova, seg)
+        # ... nor is the DMA limit: more new mappings than the limit, cc 0
+        g.tables.map(SDMA + 0x4_0000, 0x30_0000, 16)
+        nothing_written(await g.rpcit(SDMA + 0x4_0000, 16 * PAGE), 0)
+        assert await g.state() == Zr.State.ENABLED
+        # device DMA fetches the translations: the shadow holds what was used
+        assert (await g.dma(D.OP_FILL, 0, SDMA + 0x4_0000, 4 * PAGE, 0x1111111111111111))[0] == 0
+        assert (await g.header())["shadow"] == 4
+        assert g.mem.read(0x30_0000, 4 * PAGE) == bytes([0x11]) * 4 * PAGE
+        # an RPCIT of the whole aperture only forgets
+        nothing_written(await g.rpcit(SDMA, 1 << 20), 0)
+        assert (await g.header())["shadow"] == 0
+        assert (await g.header())["dma_available"] == 8
 
 
 async def test_rpcit_range_checked_first_with_direct_map(sock_dir, access):
@@ -372,7 +430,8 @@ FAULTS = ("not-in-shadow", "read-only", "outside-pba-pal", "no-translation", "ho
 
 @pytest.mark.parametrize("kind", FAULTS)
 async def test_every_dma_fault_is_an_error_event_at_the_iova(sock_dir, access, kind):
-    async with guest(sock_dir, engine(), access) as g:
+    # The refresh bit on: a page is translated only after its RPCIT.
+    async with guest(sock_dir, engine(tlb_refresh=True), access) as g:
         t = g.tables
         iova = SDMA + 0x40_0000
         hole_gpa = 0x20_0000  # the VMM will unmap [2 MiB, 3 MiB) of guest memory
@@ -415,6 +474,61 @@ async def test_every_dma_fault_is_an_error_event_at_the_iova(sock_dir, access, k
         # while in the error state more faults fail quietly (one event per error)
         assert (await g.dma(D.OP_FILL, 0, iova, 64))[0] == D.ERR_FAULT
         assert await g.events() == [] and g.err_irqs() == 0
+
+
+LAZY_FAULTS = {  # refresh bit off: what the walk on a shadow miss finds
+    "invalid-pte": Z.ZPCI_PEC_TRANSLATION_PROTECTION,
+    "invalid-segment": Z.ZPCI_PEC_TRANSLATION_PROTECTION,
+    "zero-segment-entry": Z.ZPCI_PEC_INVALID_TABLE_ENTRY,
+    "segment-table-type": Z.ZPCI_PEC_TABLE_TYPE,
+    "read-only": Z.ZPCI_PEC_TRANSLATION_PROTECTION,
+    "invalidated": Z.ZPCI_PEC_TRANSLATION_PROTECTION,
+    "hole": Z.ZPCI_PEC_ACCESS_PROTECTION,
+}
+
+
+@pytest.mark.parametrize("kind", LAZY_FAULTS)
+async def test_dma_faults_without_refresh_bit(sock_dir, access, kind):
+    async with guest(sock_dir, engine(), access) as g:
+        t = g.tables
+        assert (await g.register_ioat()).cc == 0
+        iova = SDMA + 0x40_0000
+        hole_gpa = 0x20_0000
+        t.map(iova, 0x10_0000, 1, writable=kind != "read-only")  # no RPCIT: the refresh bit is off
+        t.map(iova + PAGE, hole_gpa if kind == "hole" else 0x11_0000, 1)
+        # the first page is read from the first access on
+        assert (await g.dma(D.OP_CRC32C, iova, 0, 64))[0] == 0
+        assert (await g.header())["shadow"] == 1
+        fail = iova + PAGE
+        if kind == "invalid-pte":
+            t.unmap(iova + PAGE, 1)  # valid -> invalid (the guest's RPCIT would follow; not needed here)
+        elif kind == "invalid-segment":
+            fail = iova + (1 << 20)  # a segment the tables never mapped
+        elif kind == "zero-segment-entry":
+            fail = iova + (1 << 20)
+            t.map(fail, 0x12_0000, 1)
+            t.set_segment_entry(fail, 0)
+        elif kind == "segment-table-type":
+            fail = iova + (1 << 20)
+            t.map(fail, 0x12_0000, 1)
+            t.set_segment_entry(fail, t.segment_entry(fail) & ~0xC | 0x4)
+        elif kind == "read-only":
+            fail = iova
+        elif kind == "invalidated":
+            assert (await g.dma(D.OP_FILL, 0, fail, 64, 0x66))[0] == 0  # cached now
+            t.unmap(fail, 1)
+            nothing_written(await g.rpcit(fail, PAGE), 0)
+        elif kind == "hole":
+            await g.punch_hole(hole_gpa, 1 << 20)
+        err, fault_reg = await g.dma(D.OP_FILL, 0, fail, 64, 0x55)
+        assert err == D.ERR_FAULT and fault_reg == fail
+        assert await g.state() == Zr.State.ERROR
+        (kind_, pec_, ccdf), = await g.events()
+        assert (kind_, pec_) == (Z.ZPCI_EVENT_ERROR, LAZY_FAULTS[kind])
+        assert ccdf.faddr == fail and ccdf.fh == await g.fh()
+        assert g.err_irqs() == 1
+        # only valid translations are cached (the hole's page is one: its memory is missing)
+        assert (await g.header())["shadow"] == (2 if kind == "hole" else 1)
 
 
 async def test_vmm_translates_unmapped_iova_is_an_event(sock_dir, access):

@@ -312,7 +312,9 @@ async def test_row7_pathological_rpcit_does_not_hold_the_loop(daemons):
     from zpcid.vmm import model
 
     # A DMA limit that covers a 64 GiB aperture (SDMA + limit pages).
-    d = daemons(functions=[memfn(1, **{"dma-limit": 1 << 24, "relaxed-translation": False}),
+    # The refresh bit on: every RPCIT walks its whole range into the shadow.
+    d = daemons(functions=[memfn(1, **{"dma-limit": 1 << 24, "relaxed-translation": False,
+                                       "tlb-refresh": True}),
                            memfn(2)]).start()
     sdma, size = 1 << 32, 64 << 30
     async with model.attach(d.socket("f1"), guest_memory=64 << 20) as vmm:

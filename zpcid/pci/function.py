@@ -25,6 +25,7 @@ class FunctionCounters:
     """Monotonic per-function counters (exported as Prometheus ``_total`` metrics)."""
 
     rpcit_calls: int = 0
+    shadow_fills: int = 0  # shadow misses walked in the guest's tables (lazy translation)
     pages_mapped: int = 0
     pages_unmapped: int = 0
     dma_bytes_read: int = 0

@@ -32,7 +32,7 @@ ZPCI_KEYS: dict[str, str] = {
     f.name.replace("_", "-"): f.name for f in attrs.fields(ZpciProperties) if f.name != "mode"
 }
 # Fields whose default does not tell the expected type.
-_ZPCI_TYPES: dict[str, type] = {"relaxed_translation": bool}
+_ZPCI_TYPES: dict[str, type] = {"relaxed_translation": bool, "tlb_refresh": bool}
 FUNCTION_KEYS = ("name", "type", "socket", *ZPCI_KEYS)
 REQUIRED_FUNCTION_KEYS = ("type", "fid", "uid")
 DAEMON_KEYS = ("runtime-dir", "control-socket", "control-mode", "admin-group", "socket-mode",

@@ -22,6 +22,7 @@ from zpcid import log
 # FunctionCounters field -> (metric name without _total, help)
 COUNTERS = {
     "rpcit_calls": ("zpcid_rpcit_calls", "RPCIT (refresh PCI translations) requests handled"),
+    "shadow_fills": ("zpcid_shadow_fills", "Shadow IOTLB misses filled from the guest's tables"),
     "pages_mapped": ("zpcid_pages_mapped", "IOMMU pages mapped in the shadow IOTLB"),
     "pages_unmapped": ("zpcid_pages_unmapped", "IOMMU pages unmapped from the shadow IOTLB"),
     "dma_bytes_read": ("zpcid_dma_read_bytes", "Bytes the device read from guest memory by DMA"),

@@ -22,7 +22,8 @@ from zpcid.vfio_user.regions import MemfdRegionSnapshot, RegionError
 from zpcid.zpci import instructions as I
 from zpcid.zpci.dma_path import ZpciDmaPath
 from zpcid.zpci.interrupts import AdapterInterrupts, raise_vector
-from zpcid.zpci.iommu import DirectMap, RpcitResult, ShadowIotlb, TranslationError, rpcit_sliced
+from zpcid.zpci.iommu import (DirectMap, LazyIotlb, RpcitResult, ShadowIotlb, TranslationError, invalidate,
+                              rpcit_sliced)
 from zpcid.zpci.iommu.shadow import ShadowSnapshot
 from zpcid.zpci.measurement import DEFAULT_MUI, FMB_LENGTH, Measurement
 from zpcid.zpci.port import FunctionPort
@@ -46,7 +47,7 @@ class Ioat:
     pba: int
     pal: int
     iota: int
-    translator: ShadowIotlb | DirectMap
+    translator: ShadowIotlb | LazyIotlb | DirectMap
 
     @property
     def direct(self) -> bool:
@@ -129,6 +130,9 @@ class ZpciCore:
         return attrs.asdict(self.props)
 
     def set_properties(self, props: dict[str, Any]) -> None:
+        # A snapshot taken before the refresh bit was a property ran with the
+        # compat level's default, whatever the configuration says now.
+        props = {"tlb_refresh": None} | props
         try:
             new = attrs.evolve(self.props, **props)
         except (TypeError, ValueError) as exc:
@@ -169,6 +173,14 @@ class ZpciCore:
     @property
     def translating(self) -> bool:
         return self.mode == R.MODE_ZPCID
+
+    @property
+    def lazy(self) -> bool:
+        """Translations are fetched on a shadow miss (the group's refresh bit is off).
+
+        Only when zpcid translates: a VMM that translates itself learns of new
+        mappings only through the RPCITs the refresh bit asks for."""
+        return self.translating and not self.props.refresh
 
     @property
     def ioat(self) -> bool:
@@ -229,7 +241,7 @@ class ZpciCore:
         )
 
     def query_group(self) -> Z.ClpQueryPciFnGrpResponse:
-        flags = Z.CLP_FNGRP_REFRESH
+        flags = 0 if self.lazy else Z.CLP_FNGRP_REFRESH
         if self.props.rtr:
             flags |= Z.CLP_FNGRP_RTR
         if self.props.relaxed_alignment:
@@ -251,8 +263,8 @@ class ZpciCore:
             state=self.state, fh=self.fh, fid=self.props.fid, uid=self.props.uid, ioat=ioat,
             shadow=self.shadow.mapped, available=self.shadow.available, lost=self.ring.lost)
         # The CLP blocks change only with the handle, configuration state, BARs,
-        # aperture or properties: rebuild them only then (publish runs per intercept).
-        key = (self.fh, self.state, self.mem_limit, tuple(sorted(self.port.zpci_bars().items())),
+        # mode (the refresh bit), aperture or properties: rebuild them only then (publish runs per intercept).
+        key = (self.fh, self.state, self.mode, self.mem_limit, tuple(sorted(self.port.zpci_bars().items())),
                self.props, self.port.zpci_msix_vectors())
         if key == self._clp_key:
             return
@@ -352,10 +364,12 @@ class ZpciCore:
     def register_ioat(self, pba: int, pal: int, iota: int, *, direct: bool) -> None:
         if direct:
             limit = self.mem_limit or _NO_LIMIT
-            translator: ShadowIotlb | DirectMap = DirectMap(self.sdma, pba, pal, limit)
+            translator: ShadowIotlb | LazyIotlb | DirectMap = DirectMap(self.sdma, pba, pal, limit)
         else:
             translator = self.shadow
             self.shadow.pba, self.shadow.pal = pba, pal
+            if self.lazy:
+                translator = LazyIotlb(self.shadow, self.memory, iota, pba, pal, self._filled)
         self.ioat_reg = Ioat(pba, pal, iota, translator)
         self.log.info("zpci_ioat", registered=True, pba=hex(pba), pal=hex(pal), iota=hex(iota), direct=direct)
         self.publish()
@@ -369,14 +383,28 @@ class ZpciCore:
 
     async def refresh(self, start: int, length: int) -> RpcitResult:
         """RPCIT's table walk into the shadow (validation included), in slices that
-        let the event loop run."""
-        result = await rpcit_sliced(self.shadow, self.memory, self.iota, self.pba, self.pal, start, length)
-        self.port.zpci_count("pages_mapped", result.mapped + result.changed)
-        self.port.zpci_count("pages_unmapped", result.unmapped)
+        let the event loop run; with lazy translation only the validation and
+        dropping the range from the shadow (misses refill it)."""
+        if self.lazy:
+            result = invalidate(self.shadow, self.iota, self.pba, self.pal, start, length)
+        else:
+            result = await rpcit_sliced(self.shadow, self.memory, self.iota, self.pba, self.pal,
+                                        start, length)
+        self._count_walk(result)
         if result.error is None:
             self.fmb.count("rpcit")
         self.publish()
         return result
+
+    def _count_walk(self, result: RpcitResult) -> None:
+        self.port.zpci_count("pages_mapped", result.mapped + result.changed)
+        self.port.zpci_count("pages_unmapped", result.unmapped)
+
+    def _filled(self, result: RpcitResult) -> None:
+        """A shadow miss was walked (lazy translation)."""
+        self.port.zpci_count("shadow_fills")
+        self._count_walk(result)
+        self.publish()  # the header's shadow_mappings and dma_available
 
     def register_interrupts(self, fib) -> bool:
         """False when the indicators are not in mapped, writable guest memory."""
@@ -494,6 +522,7 @@ class ZpciCore:
             "pchid": self.props.pchid,
             "compat": self.props.compat,
             "relaxed_translation": self.props.rtr,
+            "tlb_refresh": not self.lazy,
             "ioat": {"registered": self.ioat, "pba": self.pba, "pal": self.pal, "iota": self.iota},
             "direct_map": self.direct,
             "shadow_mappings": self.shadow.mapped,

@@ -41,8 +41,8 @@ class ZpciFunction(PciFunction):
     def inject_error(self, pec: int) -> dict[str, Any]:
         return self.zpci.inject_error(pec)
 
-    SETTABLE = ("relaxed_translation", "relaxed_alignment", "dma_limit", "maxstbl", "compat",
-                "pchid", "pfgid", "util_str")
+    SETTABLE = ("relaxed_translation", "relaxed_alignment", "tlb_refresh", "dma_limit", "maxstbl",
+                "compat", "pchid", "pfgid", "util_str")
 
     def set_property(self, key: str, value: Any) -> None:
         """Change a zPCI property; only while no VMM is attached (the guest would notice)."""

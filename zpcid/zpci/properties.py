@@ -7,9 +7,13 @@ import attrs
 # Compatibility levels fence guest-visible features: a function keeps the
 # behaviour of the level it was created with, so a guest never sees a feature
 # appear or vanish under it (same idea as QEMU's machine-type compat props).
-COMPAT_LEVELS = (1, 2)
-LATEST_COMPAT = 2
-_RTR_DEFAULT = {1: False, 2: True}
+COMPAT_LEVELS = (1, 2, 3)
+LATEST_COMPAT = 3
+_RTR_DEFAULT = {1: False, 2: True, 3: True}
+# Level 3 stops asking the guest for an RPCIT after every new mapping (the CLP
+# refresh bit): zpcid then fetches translations from the guest's tables itself
+# on a shadow miss (docs/decisions.md, "Lazy translation").
+_REFRESH_DEFAULT = {1: True, 2: True, 3: False}
 
 DEFAULT_SDMA = 0x1_0000_0000
 DEFAULT_PFGID = 0x01
@@ -35,6 +39,7 @@ class ZpciProperties:
     compat: int = attrs.field(default=LATEST_COMPAT)
     relaxed_translation: bool | None = None  # None: the compat level's default
     relaxed_alignment: bool = False
+    tlb_refresh: bool | None = None  # None: the compat level's default
     dma_limit: int = attrs.field(default=DEFAULT_DMA_LIMIT)
     maxstbl: int = attrs.field(default=DEFAULT_MAXSTBL)
     sdma: int = attrs.field(default=DEFAULT_SDMA, validator=_u(64))
@@ -67,3 +72,11 @@ class ZpciProperties:
         if self.relaxed_translation is not None:
             return self.relaxed_translation
         return _RTR_DEFAULT[self.compat]
+
+    @property
+    def refresh(self) -> bool:
+        """The group's refresh bit in zpcid-translates mode: the guest issues RPCIT
+        after creating mappings (explicit setting, else the compat default)."""
+        if self.tlb_refresh is not None:
+            return self.tlb_refresh
+        return _REFRESH_DEFAULT[self.compat]

@@ -454,14 +454,12 @@ class _SmallWalk(_Walk):
             self.fail(*error)
 
 
-def rpcit(shadow: ShadowIotlb, mem: GuestMemory, iota: int, pba: int, pal: int,
-          start: int, length: int, *, max_rewalks: int = 8,
-          small_walk_pages: int | None = None) -> RpcitResult:
-    """Refresh the shadow for [start, start+length) from the guest's tables.
+def _checked_range(iota: int, pba: int, pal: int, start: int, length: int):
+    """RPCIT's checks in QEMU's order: (result, IOTA, lo, hi).
 
-    Never raises for guest-controlled input: a walk error is returned in
-    ``result.error`` (PEC and failing IOVA), with everything before it applied.
-    ``small_walk_pages`` overrides SMALL_WALK_PAGES (tests compare both walks).
+    ``result.error`` is set when the RPCIT fails; otherwise [lo, hi) is the page
+    aligned range inside [PBA, PAL] to refresh (empty: nothing to do, e.g. a
+    direct mapping).
     """
     res = RpcitResult()
     start &= _U64
@@ -471,7 +469,7 @@ def rpcit(shadow: ShadowIotlb, mem: GuestMemory, iota: int, pba: int, pal: int,
     # then the range against [PBA, PAL] (PEC 0x02) -- for a T = 0 IOTA too.
     if iota == 0:
         res.error = TranslationError(T.ZPCI_PEC_INVALID_AS, start, "no IOTA registered")
-        return res
+        return res, io, 0, 0
     end = min(start + length, 1 << 64)
     last = start + max(length, 1) - 1
     # QEMU refuses only a range entirely outside [PBA, PAL].  Decision: pages
@@ -479,18 +477,49 @@ def rpcit(shadow: ShadowIotlb, mem: GuestMemory, iota: int, pba: int, pal: int,
     # there faults with PEC 0x02 anyway; they would only use DMA-limit units).
     if last < pba or start > pal:
         res.error = TranslationError(T.ZPCI_PEC_OUT_OF_RANGE, start, "range outside [PBA, PAL]")
-        return res
+        return res, io, 0, 0
     if not io.translate:
-        return res  # direct mapping (T = 0): every IOVA is mapped, no tables to refresh
+        return res, io, 0, 0  # direct mapping (T = 0): every IOVA is mapped, no tables to refresh
     if not io.is_table_designation:
         res.error = TranslationError(T.ZPCI_PEC_INVALID_TRANSLATION_FORMAT, start,
                                      f"designation type {io.designation_type} has no tables")
-        return res
+        return res, io, 0, 0
     lo = max(start, pba) & ~(PAGE - 1)
     hi = min(end, pal + 1)
     hi = min((hi + PAGE - 1) & ~(PAGE - 1), 1 << 64)
     if length == 0 or hi <= lo:
+        return res, io, 0, 0
+    return res, io, lo, hi
+
+
+def invalidate(shadow: ShadowIotlb, iota: int, pba: int, pal: int,
+               start: int, length: int) -> RpcitResult:
+    """RPCIT without the group's refresh bit: the same checks as ``rpcit``, then
+    the shadow forgets [start, start+length) and refills on the next miss.
+
+    Costs what is populated in the range, never the range's size: Linux's
+    flush-queue refresh of its whole aperture stays cheap.
+    """
+    res, _, lo, hi = _checked_range(iota, pba, pal, start, length)
+    if res.error is None and hi > lo:
+        res.unmapped = shadow.unmap_range(lo, hi)
+    return res
+
+
+def rpcit(shadow: ShadowIotlb, mem: GuestMemory, iota: int, pba: int, pal: int,
+          start: int, length: int, *, max_rewalks: int = 8,
+          small_walk_pages: int | None = None) -> RpcitResult:
+    """Refresh the shadow for [start, start+length) from the guest's tables.
+
+    Never raises for guest-controlled input: a walk error is returned in
+    ``result.error`` (PEC and failing IOVA), with everything before it applied.
+    ``small_walk_pages`` overrides SMALL_WALK_PAGES (tests compare both walks).
+    """
+    res, io, lo, hi = _checked_range(iota, pba, pal, start, length)
+    if res.error is not None or hi <= lo:
         return res
+    start &= _U64
+    length &= _U64
     reach = io.reach
     walk_hi = min(hi, reach)
     small = SMALL_WALK_PAGES if small_walk_pages is None else small_walk_pages
