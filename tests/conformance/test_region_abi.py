@@ -257,27 +257,33 @@ async def test_stpcifc_outcomes(sock_dir, access):
 # ==================================================================== RPCIT
 
 
+async def _rpcit_checks_before_the_walk(g) -> None:
+    """The rows RPCIT answers alike with and without the refresh bit (handle,
+    no IOTA, error state, range); leaves a translation registered up to 1 MiB."""
+    fh = await g.fh()
+    nothing_written(await g.rpcit(SDMA, PAGE, fh=fh & ~Z.FH_MASK_ENABLE), 3)
+    # no IOTA: error state, event 0x01, cc 1 status 8 in r1
+    status_in_r1(await g.rpcit(SDMA, PAGE), Z.ZPCI_PCI_ST_FUNC_IN_ERR)
+    assert [(p, c.faddr) for _, p, c in await g.events()] == [(Z.ZPCI_PEC_INVALID_AS, SDMA)]
+    assert await g.state() == Zr.State.ERROR
+    # in the error state: cc 1 status 40
+    status_in_r1(await g.rpcit(SDMA, PAGE), Z.ZPCI_PCI_ST_FUNC_NOT_AVAIL)
+    await g.recover()
+    pal = SDMA + (1 << 20) - 1
+    assert (await g.register_ioat(pal=pal)).cc == 0
+    g.tables.map(SDMA, 0x10_0000, 4)
+    nothing_written(await g.rpcit(SDMA, 4 * PAGE), 0)
+    nothing_written(await g.rpcit(SDMA + PAGE, 0), 0)  # zero length inside
+    # outside [PBA, PAL]: cc 1 status 8, event 0x02 at the start address
+    for start, length in ((pal + 1, PAGE), (SDMA - 2 * PAGE, PAGE), (pal + 1, 0)):
+        status_in_r1(await g.rpcit(start, length), Z.ZPCI_PCI_ST_FUNC_IN_ERR)
+        assert [(p, c.faddr) for _, p, c in await g.events()] == [(Z.ZPCI_PEC_OUT_OF_RANGE, start)]
+        await g.recover()
+
+
 async def test_rpcit_outcomes(sock_dir, access):
     async with guest(sock_dir, engine(dma_limit=8, tlb_refresh=True), access) as g:
-        fh = await g.fh()
-        nothing_written(await g.rpcit(SDMA, PAGE, fh=fh & ~Z.FH_MASK_ENABLE), 3)
-        # no IOTA: error state, event 0x01, cc 1 status 8 in r1
-        status_in_r1(await g.rpcit(SDMA, PAGE), Z.ZPCI_PCI_ST_FUNC_IN_ERR)
-        assert [(p, c.faddr) for _, p, c in await g.events()] == [(Z.ZPCI_PEC_INVALID_AS, SDMA)]
-        assert await g.state() == Zr.State.ERROR
-        # in the error state: cc 1 status 40
-        status_in_r1(await g.rpcit(SDMA, PAGE), Z.ZPCI_PCI_ST_FUNC_NOT_AVAIL)
-        await g.recover()
-        pal = SDMA + (1 << 20) - 1
-        assert (await g.register_ioat(pal=pal)).cc == 0
-        g.tables.map(SDMA, 0x10_0000, 4)
-        nothing_written(await g.rpcit(SDMA, 4 * PAGE), 0)
-        nothing_written(await g.rpcit(SDMA + PAGE, 0), 0)  # zero length inside
-        # outside [PBA, PAL]: cc 1 status 8, event 0x02 at the start address
-        for start, length in ((pal + 1, PAGE), (SDMA - 2 * PAGE, PAGE), (pal + 1, 0)):
-            status_in_r1(await g.rpcit(start, length), Z.ZPCI_PCI_ST_FUNC_IN_ERR)
-            assert [(p, c.faddr) for _, p, c in await g.events()] == [(Z.ZPCI_PEC_OUT_OF_RANGE, start)]
-            await g.recover()
+        await _rpcit_checks_before_the_walk(g)
         # walk errors: zero entry (0x07), bad table length (0x08), table type (0x09)
         iova = SDMA + 0x8_0000
         g.tables.map(iova, 0x20_0000, 1)
@@ -305,18 +311,7 @@ async def test_rpcit_outcomes_without_refresh_bit(sock_dir, access):
     """Refresh bit off: RPCIT keeps its handle, state and range rows, then only
     drops the range from the shadow; the tables are walked by device DMA."""
     async with guest(sock_dir, engine(dma_limit=8), access) as g:
-        fh = await g.fh()
-        nothing_written(await g.rpcit(SDMA, PAGE, fh=fh & ~Z.FH_MASK_ENABLE), 3)
-        status_in_r1(await g.rpcit(SDMA, PAGE), Z.ZPCI_PCI_ST_FUNC_IN_ERR)
-        assert [(p, c.faddr) for _, p, c in await g.events()] == [(Z.ZPCI_PEC_INVALID_AS, SDMA)]
-        status_in_r1(await g.rpcit(SDMA, PAGE), Z.ZPCI_PCI_ST_FUNC_NOT_AVAIL)
-        await g.recover()
-        pal = SDMA + (1 << 20) - 1
-        assert (await g.register_ioat(pal=pal)).cc == 0
-        for start, length in ((pal + 1, PAGE), (SDMA - 2 * PAGE, PAGE), (pal + 1, 0)):
-            status_in_r1(await g.rpcit(start, length), Z.ZPCI_PCI_ST_FUNC_IN_ERR)
-            assert [(p, c.faddr) for _, p, c in await g.events()] == [(Z.ZPCI_PEC_OUT_OF_RANGE, start)]
-            await g.recover()
+        await _rpcit_checks_before_the_walk(g)
         # a zero segment entry is not RPCIT's business any more ...
         iova = SDMA + 0x8_0000
         g.tables.map(iova, 0x20_0000, 1)
