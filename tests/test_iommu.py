@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from protocol.zpci import tables as T
 from zpcid.vfio_user.dma import DmaFault, DmaSpace
 from zpcid.vmm.guest import GuestTables, dma_space
-from zpcid.zpci.iommu import DirectMap, ShadowIotlb, TranslationError, rpcit
+from zpcid.zpci.iommu import DirectMap, LazyIotlb, ShadowIotlb, TranslationError, invalidate, rpcit
 from zpcid.vfio_user.memfd import Memfd
 
 MiB = 1 << 20
@@ -722,6 +722,74 @@ def test_linux_like_sequences_keep_the_shadow_exact(ops, limit):
         else:
             assert r.insufficient_resources and len(got) == limit
             assert all(want[p] == v for p, v in got.items())
+    finally:
+        guest.close()
+
+
+@settings(max_examples=40, deadline=None)
+@given(ops=st.lists(st.tuples(st.sampled_from(["map", "map_ro", "unmap", "frame", "flush", "probe"]),
+                              st.integers(0, 9), st.integers(1, 300)), min_size=1, max_size=25),
+       limit=st.sampled_from([None, 5, 200]))
+def test_lazy_translation_follows_the_tables(ops, limit):
+    """Refresh bit off: a guest that refreshes only entries that were valid (as
+    the architecture asks) always has its tables' translation, whatever was
+    cached, evicted or never walked; the cache never exceeds the DMA limit."""
+    guest = Guest(limit=limit)
+    try:
+        t = guest.tables
+        lazy = LazyIotlb(guest.shadow, guest.space, t.iota, guest.pba, guest.pal)
+        io = T.Iota.unpack(t.iota)
+        truth = lambda p: ref_walk(guest.memfd.mm, MEM, io, p)  # noqa: E731
+
+        def refresh(iova, n):
+            r = invalidate(guest.shadow, t.iota, guest.pba, guest.pal, iova, n * 4096)
+            assert r.error is None
+
+        def check(pages):
+            for p in pages:
+                want = truth(p)
+                try:
+                    (gpa, n), = lazy.translate(p, 4096, False)
+                except TranslationError as exc:
+                    assert want is None and exc.pec == T.ZPCI_PEC_TRANSLATION_PROTECTION and exc.iova == p
+                    continue
+                try:
+                    lazy.translate(p, 4096, True)
+                    w = True
+                except TranslationError:
+                    w = False
+                assert (gpa, w) == want and n == 4096
+                guest.shadow.check()
+                assert limit is None or guest.shadow.mapped <= limit
+
+        touched = set()
+        for op, slot, n in ops:
+            iova = slot * 0x40000 + (1 << 31) * (slot % 3)
+            if op == "frame":
+                iova, n = iova & ~(MiB - 1), 256
+            pages = range(iova, iova + n * 4096, 4096)
+            # what the op can change: whole segments (a map over a 1 MiB frame replaces it)
+            seg_lo, seg_hi = iova & ~(MiB - 1), (iova + n * 4096 + MiB - 1) & ~(MiB - 1)
+            before = {p: truth(p) for p in range(seg_lo, seg_hi, 4096)}
+            if op in ("map", "map_ro"):
+                t.map(iova, 0x100000 + slot * 0x10000, n, writable=op == "map")
+            elif op == "frame":
+                t.map_1m_frame(iova, (slot % 16) * MiB, writable=slot % 2 == 0)
+            elif op == "unmap":
+                t.unmap(iova, n)
+            elif op == "flush":
+                refresh(guest.pba, (guest.pal - guest.pba + 1) >> 12)
+            changed = [p for p, v in before.items() if v is not None and truth(p) != v]
+            if changed:  # valid entries changed or went away: the RPCIT they need
+                refresh(changed[0], ((changed[-1] - changed[0]) >> 12) + 1)
+            touched.update(pages)
+            if op == "probe" or slot % 4 == 0:
+                check(pages)
+            # a DMA over several pages at once (coalesced pieces, or the first fault)
+            if all(truth(p) is not None for p in pages):
+                pieces = lazy.translate(iova, n * 4096, False)
+                assert sum(k for _, k in pieces) == n * 4096
+        check(sorted(touched))
     finally:
         guest.close()
 
