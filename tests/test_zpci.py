@@ -597,3 +597,64 @@ async def test_dma_path_views_follow_the_shadow_and_fault_at_the_iova(sock_dir):
             fn.dma_path.views(iova + 2 * PAGE, 8, False)
         assert e.value.addr == iova + 2 * PAGE and env.box.state == Zr.State.ERROR
         assert [p for _, p, _ in env.box.events()] == [Z.ZPCI_PEC_TRANSLATION_PROTECTION]
+
+
+# ---------------------------------------------------------------- error state: DMA held back
+
+
+async def test_error_state_holds_virtio_dma_back_until_it_ends(sock_dir):
+    """A virtio device's DMA waits out the error state instead of failing (the
+    guest memory stays untouched meanwhile); clear-error, or a disable, ends the wait."""
+    import structlog
+    import trio
+    import trio.testing
+
+    from zpcid.devices.virtio.queue import GuardedDma, Service
+
+    fn = engine()
+    async with zpci_env(sock_dir, fn) as env:
+        assert (await env.register_ioat()).cc == 0
+        iova = SDMA + 0x10_0000
+        env.tables.map(iova, 0x30_0000, 1)
+        assert (await env.box.rpcit(iova, PAGE)).cc == 0
+        env.mem.write(0x30_0000, b"before")
+        dma = GuardedDma(fn, Service("t", structlog.get_logger()))
+        assert not fn.dma_path.blocked
+        with pytest.raises(ValueError, match="not in the error state"):
+            fn.clear_error()
+
+        fn.inject_error(Z.ZPCI_PEC_SYSTEM_ERROR)
+        assert fn.dma_path.blocked and dma.views([(iova, 6)], True) is None
+        got = []
+        async with trio.open_nursery() as nursery:
+            async def read():
+                got.append(await dma.read(iova, 6))
+
+            async def write():
+                await dma.write(iova + 8, b"during")
+
+            nursery.start_soon(read)
+            nursery.start_soon(write)
+            await trio.testing.wait_all_tasks_blocked()
+            assert got == [] and env.mem.read(0x30_0000 + 8, 6) == bytes(6)  # held, not failed
+            with pytest.raises(DmaFault):  # the path itself still refuses
+                await fn.dma_path.read(iova, 6)
+            assert fn.clear_error() == {"state": "ENABLED"}
+        assert got == [b"before"] and env.mem.read(0x30_0000 + 8, 6) == b"during"
+        assert env.box.state == Zr.State.ENABLED
+
+        # A function disabled while in the error state: the held access fails then.
+        fn.inject_error(Z.ZPCI_PEC_SYSTEM_ERROR)
+        failed = []
+        async with trio.open_nursery() as nursery:
+            async def held():
+                try:
+                    await dma.read(iova, 6)
+                except DmaFault as exc:
+                    failed.append(exc)
+
+            nursery.start_soon(held)
+            await trio.testing.wait_all_tasks_blocked()
+            assert failed == []
+            assert (await env.box.set_pci_fn(env.box.fh, Z.CLP_SET_DISABLE_PCI_FN))[0] == Z.CLP_RC_OK
+        assert len(failed) == 1 and env.box.state == Zr.State.DISABLED

@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 from .conftest import Daemon, memfn
 
 CODES = {"bad-request", "unknown-command", "not-found", "not-supported", "invalid", "busy"}
-COMMANDS = ["list", "show", "mappings", "add", "remove", "set", "reset", "inject-error", "events",
-            "stats", "version", "metrics", "reload", "frobnicate"]
+COMMANDS = ["list", "show", "mappings", "add", "remove", "set", "reset", "inject-error", "clear-error",
+            "events", "stats", "version", "metrics", "reload", "frobnicate"]
 
 scalars = (st.none() | st.booleans() | st.integers(min_value=-(1 << 70), max_value=1 << 70)
            | st.floats(allow_nan=True) | st.text(max_size=20)

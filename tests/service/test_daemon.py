@@ -117,6 +117,9 @@ def test_control_commands_human_and_json(daemons):
     assert row.split()[header.split().index("PEC")] == "0x2"
     assert d.ctl_json("events", "1") == []
     assert d.ctl_json("stats")["errors"] == {"pec_0x02": 1}
+    # (detached, the function stayed disabled: there is no error state to end)
+    rc, out, err = d.ctl("clear-error", "1")
+    assert rc == 1 and "not in the error state" in err
 
     # properties of a detached function
     rc, out, err = d.ctl("set", "1", "dma-limit=5", "relaxed-translation=false")

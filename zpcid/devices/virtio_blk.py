@@ -492,6 +492,16 @@ class VirtioBlkFunction(ZpciFunction):
             return
         q.kick.set()
 
+    def dma_resumed(self) -> None:
+        """The function left the error state: the driver's doorbells and our
+        interrupts meanwhile went nowhere, so look at every ring and signal
+        every queue once (a spurious interrupt costs the driver one ring check)."""
+        if self.service is None or self.service.stopped:
+            return
+        for q in self.queues.values():
+            q.kick.set()
+            self._queue_interrupt(q)
+
     async def virtio_reset(self) -> None:
         await self._stop_service()
 

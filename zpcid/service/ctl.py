@@ -191,6 +191,9 @@ COMMANDS: dict[str, dict[str, Any]] = {
               "out": lambda r, a: f"fid {r['fid']:#x} reset"},
     "inject-error": {"help": "inject an error event (to test guest recovery)", "fid": True,
                      "out": lambda r, a: keyvalue(r) if isinstance(r, dict) else str(r)},
+    "clear-error": {"help": "end a function's error state (as the guest's reset error indication); "
+                            "DMA held back meanwhile resumes", "fid": True,
+                    "out": lambda r, a: keyvalue(r)},
     "events": {"help": "events queued or sent for a function", "fid": True, "out": lambda r, a: table(r)},
     "stats": {"help": "daemon-wide statistics", "out": lambda r, a: keyvalue(r)},
     "version": {"help": "versions of zpcictl and the daemon", "out": _out_version},

@@ -437,6 +437,7 @@ class Daemon:
             "list": self.cmd_list, "show": self.cmd_show, "mappings": self.cmd_mappings,
             "add": self.cmd_add, "remove": self.cmd_remove, "set": self.cmd_set,
             "reset": self.cmd_reset, "inject-error": self.cmd_inject_error,
+            "clear-error": self.cmd_clear_error,
             "events": self.cmd_events, "stats": self.cmd_stats, "version": self.cmd_version,
             "metrics": self.cmd_metrics, "reload": self.cmd_reload,
             "restart": self.cmd_restart, "upgrade": self.cmd_upgrade,
@@ -708,6 +709,9 @@ class Daemon:
         if not isinstance(pec, int) or isinstance(pec, bool) or not 0 <= pec <= 0xFFFF:
             raise CommandError("invalid", "pec must be an integer in [0, 0xffff]")
         return await m.worker.call("inject-error", {"pec": pec})
+
+    async def cmd_clear_error(self, args):
+        return await self._get(args).worker.call("clear-error")
 
     async def cmd_reset(self, args):
         m = self._get(args)

@@ -249,6 +249,15 @@ class Worker:
         self.server.log.info("error_injected", pec=hex(args["pec"]))
         return result
 
+    async def op_clear_error(self, args):
+        clear = self._call("clear_error", "clear-error")
+        try:
+            result = clear()
+        except ValueError as exc:
+            raise RequestError("invalid", str(exc)) from None
+        self.server.log.info("error_cleared")
+        return result
+
     async def op_reset(self, args):
         await self.function.reset()
         self.server.log.info("reset_by_control")
@@ -322,6 +331,7 @@ class Worker:
 
 HANDLERS = {"show": Worker.op_show, "sample": Worker.op_sample, "mappings": Worker.op_mappings,
             "events": Worker.op_events, "inject-error": Worker.op_inject_error,
+            "clear-error": Worker.op_clear_error,
             "reset": Worker.op_reset, "set": Worker.op_set, "release": Worker.op_release,
             "stop": Worker.op_stop, "ping": Worker.op_ping, "quiesce": Worker.op_quiesce,
             "snapshot": Worker.op_snapshot, "resume": Worker.op_resume, "abandon": Worker.op_abandon}

@@ -12,6 +12,7 @@ import time
 from typing import Any, NoReturn
 
 import attrs
+import trio
 
 from protocol.zpci import formats as Z
 from protocol.zpci import region as R
@@ -70,7 +71,10 @@ class ZpciCore:
         self.log = log.bind(fid=props.fid, uid=props.uid)
         self.port = port
         self.memory = memory  # guest absolute storage in zpcid-translates mode
-        self.st = FunctionState((props.fid & 0xFFFF) if index is None else index, self.log, self.publish)
+        self._blocked = False  # DMA held back by the error state (see dma_blocked)
+        self._unblocked: trio.Event | None = None
+        self.st = FunctionState((props.fid & 0xFFFF) if index is None else index, self.log,
+                                self._state_changed)
         self.region = ControlRegion(name, self.header_written, self.doorbell)
         self.ring = EventRing(self.region)
         self.shadow = ShadowIotlb(props.dma_limit)
@@ -323,6 +327,44 @@ class ZpciCore:
                                 out.fib)
         self.publish()
 
+    # ------------------------------------------------------------------ error state and DMA
+    @property
+    def dma_blocked(self) -> bool:
+        """DMA is held back: the function is in the error state (zpcid-translates mode).
+
+        Device models that can wait (virtio) hold their DMA until the error state
+        ends instead of failing it: the guest's memory stays untouched meanwhile,
+        and requests the driver cannot cancel (Linux virtio has no PCI error
+        handlers) complete once the function is unblocked, so the driver can be
+        unbound and the function recovered in place."""
+        return self.translating and self.state == State.ERROR
+
+    async def dma_unblocked(self) -> None:
+        """Return once the error state is over (reset error, disable, reset)."""
+        while self.dma_blocked:
+            if self._unblocked is None:
+                self._unblocked = trio.Event()
+            await self._unblocked.wait()
+
+    def _state_changed(self) -> None:
+        blocked = self.dma_blocked
+        if self._blocked and not blocked:
+            if self._unblocked is not None:
+                self._unblocked.set()
+                self._unblocked = None
+            if self.state in DMA_STATES:
+                # Doorbells the guest wrote meanwhile were refused (load/store blocked).
+                self.port.zpci_dma_resumed()
+        self._blocked = blocked
+        self.publish()
+
+    def clear_error(self) -> dict[str, Any]:
+        """End the error state from outside the guest (zpcictl clear-error), as the
+        guest's MPCIFC reset error indication would: load/store and DMA resume."""
+        if not self.st.apply(Event.RESET_ERROR, by="control"):
+            raise ValueError(f"function is {self.state.name.lower()}, not in the error state")
+        return {"state": self.state.name}
+
     # ------------------------------------------------------------------ events
     def _event(self, kind: int, pec: int, faddr: int = 0, *, reason: str = "") -> None:
         if kind == Z.ZPCI_EVENT_ERROR:
@@ -572,6 +614,7 @@ class ZpciCore:
         self.mode, self.mem_limit = snap.mode, snap.mem_limit
         self.vmm_flags, self.vmm_fid, self.vmm_uid = snap.vmm
         self.st.restore(State(snap.state), snap.fh)
+        self._blocked = self.dma_blocked
         self.shadow.restore(snap.shadow)
         self.ioat_reg = None
         if snap.ioat is not None:

@@ -20,6 +20,14 @@ class ZpciDmaPath:
         self.core = core
         self.space = core.memory
 
+    @property
+    def blocked(self) -> bool:
+        """DMA is held back while the function is in the error state (``ZpciCore.dma_blocked``)."""
+        return self.core.dma_blocked
+
+    async def unblocked(self) -> None:
+        await self.core.dma_unblocked()
+
     async def read(self, iova: int, length: int) -> bytes:
         core = self.core
         out = []

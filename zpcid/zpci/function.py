@@ -41,6 +41,9 @@ class ZpciFunction(PciFunction):
     def inject_error(self, pec: int) -> dict[str, Any]:
         return self.zpci.inject_error(pec)
 
+    def clear_error(self) -> dict[str, Any]:
+        return self.zpci.clear_error()
+
     SETTABLE = ("relaxed_translation", "relaxed_alignment", "tlb_refresh", "dma_limit", "maxstbl",
                 "compat", "pchid", "pfgid", "util_str")
 
@@ -72,6 +75,12 @@ class ZpciFunction(PciFunction):
 
     async def zpci_store(self, index: int, offset: int, data: bytes) -> None:
         await self.region_write(index, offset, data)
+
+    def zpci_dma_resumed(self) -> None:
+        self.dma_resumed()
+
+    def dma_resumed(self) -> None:
+        """Device models that wait out the error state restart their work here."""
 
     def zpci_signal_error(self) -> bool:
         return self.irqs.signal(C.VFIO_PCI_ERR_IRQ_INDEX)

@@ -30,6 +30,9 @@ class FunctionPort(Protocol):
     async def zpci_store(self, index: int, offset: int, data: bytes) -> None:
         """Write a BAR or config space for PCISTG/PCISTB (one access)."""
 
+    def zpci_dma_resumed(self) -> None:
+        """The function left the error state with DMA enabled: look for work again."""
+
     def zpci_signal_error(self) -> bool:
         """Signal the vfio-user ERR IRQ; False if the client installed none."""
 

@@ -78,25 +78,52 @@ def validate_queue(q: QueueConfig) -> str | None:
 
 
 class GuardedDma:
-    """The function's DMA path, refusing access once the service has stopped."""
+    """The function's DMA path, refusing access once the service has stopped.
+
+    While the function's DMA is blocked (zPCI error state) accesses wait for it
+    to end and then go ahead, instead of failing: a virtio driver cannot cancel
+    a request, so one failed here would hang it for good (docs/qemu.md, "Error
+    recovery"). A fault that happens while blocked is retried the same way.
+    """
 
     def __init__(self, function, service: "Service"):
         self.function = function
         self.service = service
 
-    async def read(self, addr: int, n: int) -> bytes:
+    async def _unblocked(self, path) -> None:
         self.service.check()
-        return await self.function.dma_path.read(addr, n)
+        if getattr(path, "blocked", False):
+            await path.unblocked()
+            self.service.check()
+
+    async def read(self, addr: int, n: int) -> bytes:
+        path = self.function.dma_path
+        while True:
+            await self._unblocked(path)
+            try:
+                return await path.read(addr, n)
+            except Exception as exc:
+                if not (is_dma_error(exc) and getattr(path, "blocked", False)):
+                    raise
 
     async def write(self, addr: int, data: bytes) -> None:
-        self.service.check()
-        await self.function.dma_path.write(addr, data)
+        path = self.function.dma_path
+        while True:
+            await self._unblocked(path)
+            try:
+                return await path.write(addr, data)
+            except Exception as exc:
+                if not (is_dma_error(exc) and getattr(path, "blocked", False)):
+                    raise
 
     def views(self, iov: list[tuple[int, int]], write: bool) -> list[memoryview] | None:
         """Views of the driver memory behind (addr, len) pieces, for I/O without copies;
-        None where that memory is only reachable through DMA messages."""
+        None where that memory is only reachable through DMA messages (or while DMA
+        is blocked: the message path waits)."""
         self.service.check()
         path = self.function.dma_path
+        if getattr(path, "blocked", False):
+            return None
         out: list[memoryview] = []
         for addr, n in iov:
             if n:
