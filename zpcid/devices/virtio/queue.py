@@ -90,31 +90,25 @@ class GuardedDma:
         self.function = function
         self.service = service
 
-    async def _unblocked(self, path) -> None:
-        self.service.check()
-        if getattr(path, "blocked", False):
-            await path.unblocked()
+    async def _access(self, access):
+        """``access(dma_path)``, waiting out blocked DMA before it and after a fault."""
+        path = self.function.dma_path
+        while True:
             self.service.check()
+            if path.blocked:
+                await path.unblocked()
+                continue
+            try:
+                return await access(path)
+            except Exception as exc:
+                if not (is_dma_error(exc) and path.blocked):
+                    raise
 
     async def read(self, addr: int, n: int) -> bytes:
-        path = self.function.dma_path
-        while True:
-            await self._unblocked(path)
-            try:
-                return await path.read(addr, n)
-            except Exception as exc:
-                if not (is_dma_error(exc) and getattr(path, "blocked", False)):
-                    raise
+        return await self._access(lambda path: path.read(addr, n))
 
     async def write(self, addr: int, data: bytes) -> None:
-        path = self.function.dma_path
-        while True:
-            await self._unblocked(path)
-            try:
-                return await path.write(addr, data)
-            except Exception as exc:
-                if not (is_dma_error(exc) and getattr(path, "blocked", False)):
-                    raise
+        await self._access(lambda path: path.write(addr, data))
 
     def views(self, iov: list[tuple[int, int]], write: bool) -> list[memoryview] | None:
         """Views of the driver memory behind (addr, len) pieces, for I/O without copies;
@@ -122,7 +116,7 @@ class GuardedDma:
         is blocked: the message path waits)."""
         self.service.check()
         path = self.function.dma_path
-        if getattr(path, "blocked", False):
+        if path.blocked:
             return None
         out: list[memoryview] = []
         for addr, n in iov:
