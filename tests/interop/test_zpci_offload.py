@@ -375,7 +375,7 @@ while pidof dd >/dev/null && [ $n -lt 600 ]; do sleep 0.5; n=$((n + 1)); done
 pidof dd >/dev/null || echo IO_DRAINED=1
 dmesg | grep -E "zpci|virtio" | sed "s/^/ERRLOG /"
 # The admin's recovery: unbind, disable, enable, re-register, rescan.
-echo 1 > $D/recover && echo RECOVER=ok
+RECOVER_CMD && echo RECOVER=ok
 n=0
 while [ ! -b /dev/vda ] && [ $n -lt 600 ]; do sleep 0.1; n=$((n + 1)); done
 D=
@@ -387,13 +387,22 @@ dmesg | grep -E "zpci|virtio" | sed "s/^/RECLOG /"
 """ + ROUND_TRIP + KLOG
 
 
-def test_offload_inject_error_during_io_recovers_in_place(qemu_offload, daemon):
+RECOVER_CMDS = {
+    # zPCI's own: unbind, CLP disable and enable, IOAT registration, rescan
+    "recover": "echo 1 > $D/recover",
+    # the hotplug slot: unbind, disable, SCLP deconfigure; configure, enable, scan
+    "slot-power": f"S=/sys/bus/pci/slots/{FID:08x}/power; echo 0 > $S && echo 1 > $S",
+}
+
+
+@pytest.mark.parametrize("how", sorted(RECOVER_CMDS))
+def test_offload_inject_error_during_io_recovers_in_place(qemu_offload, daemon, how):
     """The guest's zPCI error handling takes the error event; virtio-pci has no
     PCI error handlers, so the guest cannot end the error state itself: the
     host clears it (zpcictl clear-error), the I/O the error caught completes,
-    and the guest's admin recovers the function in place (sysfs ``recover``:
-    unbind, CLP disable/enable, IOAT registration, rescan) — no guest reset,
-    the VM running throughout, the data written before the error intact."""
+    and the guest's admin recovers the function in place (sysfs ``recover``,
+    or the hotplug slot's power off and on) — no guest reset, the VM running
+    throughout, the data written before the error intact."""
     with open(daemon.disks[FID], "r+b") as f:
         f.seek(PATTERN_SEEK * 4096)
         f.write(bytes(len(PATTERN)))
@@ -425,7 +434,8 @@ def test_offload_inject_error_during_io_recovers_in_place(qemu_offload, daemon):
                 break
             time.sleep(1)
 
-    run = boot(qemu_offload, daemon, RECOVERY_BODY, during=during)
+    run = boot(qemu_offload, daemon, RECOVERY_BODY.replace("RECOVER_CMD", RECOVER_CMDS[how]),
+               during=during)
     assert [(what, rc) for what, rc, _ in done] == [("inject", 0), ("clear", 0)], (done, run.diag)
     assert seen == ["error", "enabled"], (seen, run.diag)
     assert len(states) >= 3 and set(states) == {"running"}, (states, run.diag)
