@@ -347,16 +347,16 @@ class ZpciCore:
             await self._unblocked.wait()
 
     def _state_changed(self) -> None:
-        blocked = self.dma_blocked
-        if self._blocked and not blocked:
+        was, self._blocked = self._blocked, self.dma_blocked
+        self.publish()
+        if was and not self._blocked:
             if self._unblocked is not None:
                 self._unblocked.set()
                 self._unblocked = None
             if self.state in DMA_STATES:
                 # Doorbells the guest wrote meanwhile were refused (load/store blocked).
+                # (Last: the device's interrupts may fault and change the state again.)
                 self.port.zpci_dma_resumed()
-        self._blocked = blocked
-        self.publish()
 
     def clear_error(self) -> dict[str, Any]:
         """End the error state from outside the guest (zpcictl clear-error), as the
