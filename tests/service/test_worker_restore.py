@@ -9,6 +9,7 @@ import socket
 import struct
 
 import attrs
+import pytest
 import structlog
 import trio
 
@@ -51,13 +52,21 @@ async def _serve(fc, listener, nursery) -> tuple[FunctionServer, trio.CancelScop
     return server, scope
 
 
-async def _worker_from(fc, listener, doc, fds, nursery) -> Channel:
+async def _worker_from(fc, listener, doc, fds, nursery, standby: bool = False) -> Channel:
+    """A worker that takes over: ``init`` with the state, or (``standby``, as a live restart
+    pre-starts it) ``init`` to build the function first, then ``start`` with the state."""
     ours, theirs = socket.socketpair()
     nursery.start_soon(Worker(Channel(theirs)).run)
     ch = Channel(ours)
     sent = [os.dup(listener.fileno()), *fds]
-    await ch.send({"id": 1, "op": "init", "args": {"function": attrs.asdict(fc), "socket_mode": 0o600,
-                                                   "restore": doc}}, sent)
+    args = {"function": attrs.asdict(fc), "socket_mode": 0o600}
+    if standby:
+        await ch.send({"id": 1, "op": "init", "args": args | {"standby": True}})
+        reply, _ = await ch.recv()
+        assert reply.get("ok") and reply["id"] == 1, reply
+        await ch.send({"id": 2, "op": "start", "args": {"restore": doc}}, sent)
+    else:
+        await ch.send({"id": 1, "op": "init", "args": args | {"restore": doc}}, sent)
     for fd in sent:  # the worker has its own copies now, as from the supervisor
         os.close(fd)
     reply, _ = await ch.recv()
@@ -65,7 +74,8 @@ async def _worker_from(fc, listener, doc, fds, nursery) -> Channel:
     return ch
 
 
-async def test_restore_continues_and_refused_snapshot_closes_the_vmm(sock_dir):
+@pytest.mark.parametrize("standby", [False, True], ids=["init", "standby-start"])
+async def test_restore_continues_and_refused_snapshot_closes_the_vmm(sock_dir, standby):
     fc = _function_config(sock_dir)
     os.makedirs(os.path.dirname(fc.socket), exist_ok=True)
     listener = bind_unix(fc.socket)
@@ -85,7 +95,7 @@ async def test_restore_continues_and_refused_snapshot_closes_the_vmm(sock_dir):
                     if refuse:  # a function snapshot from a newer zpcid
                         doc["fields"]["function"]["version"] = 99
                     with structlog.testing.capture_logs() as logs:
-                        ch = await _worker_from(fc, listener, doc, snap_fds, nursery)
+                        ch = await _worker_from(fc, listener, doc, snap_fds, nursery, standby)
                     if refuse:
                         refused = [e for e in logs if e["event"] == "restore_refused"]
                         assert refused and "version 99" in refused[0]["error"]
@@ -105,3 +115,45 @@ async def test_restore_continues_and_refused_snapshot_closes_the_vmm(sock_dir):
     finally:
         listener.close()
         mem.close()
+
+
+async def test_standby_worker_takes_only_start_with_the_listening_socket(sock_dir):
+    """A pre-started worker serves nothing until `start`; a malformed one is refused and
+    the worker exits (the supervisor's serving worker was never touched)."""
+    fc = _function_config(sock_dir)
+    ours, theirs = socket.socketpair()
+    ch = Channel(ours)
+    async with trio.open_nursery() as nursery:
+        code = []
+
+        async def run():
+            code.append(await Worker(Channel(theirs)).run())
+
+        nursery.start_soon(run)
+        # descriptors with a standby init are refused too
+        extra = os.open(os.devnull, os.O_RDONLY)
+        await ch.send({"id": 1, "op": "init", "args": {"function": attrs.asdict(fc),
+                                                       "standby": True}}, [extra])
+        os.close(extra)
+        reply, _ = await ch.recv()
+        assert not reply["ok"] and reply["error"]["code"] == "bad-request"
+    assert code == [1]
+    ch.close()
+
+    ours, theirs = socket.socketpair()
+    ch = Channel(ours)
+    async with trio.open_nursery() as nursery:
+        code = []
+
+        async def run2():
+            code.append(await Worker(Channel(theirs)).run())
+
+        nursery.start_soon(run2)
+        await ch.send({"id": 1, "op": "init", "args": {"function": attrs.asdict(fc), "standby": True}})
+        reply, _ = await ch.recv()
+        assert reply["ok"] and reply["result"]["pid"] == os.getpid()
+        await ch.send({"id": 2, "op": "show", "args": {}})  # anything but `start`
+        reply, _ = await ch.recv()
+        assert reply["id"] == 2 and not reply["ok"] and reply["error"]["code"] == "bad-request"
+    assert code == [1]
+    ch.close()

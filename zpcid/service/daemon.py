@@ -4,6 +4,7 @@ process (``worker.py``, forked by ``zygote.py``; docs/isolation.md)."""
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import socket
@@ -141,6 +142,11 @@ class Daemon:
                         with trio.CancelScope(shield=True):
                             await self._stop_all()
                         raise
+                    # Start-up made most of the objects this process will ever have; the
+                    # collector need not scan them again (a full pass would stall a live
+                    # restart that is pausing a function).
+                    gc.collect()
+                    gc.freeze()
                     self.notifier.notify("READY=1", f"STATUS={self.status()}", f"MAINPID={os.getpid()}")
                     self.log.info("ready", functions=len(self.functions), pid=os.getpid())
                     if self.notifier.watchdog_usec:
@@ -483,6 +489,9 @@ class Daemon:
                 raise CommandError("busy", "a hand-over is already under way")
             managed = sorted(self.functions.values(), key=lambda m: m.fid)
             bundle = ho.Bundle({"functions": [], "asked_at": time.monotonic()})
+            for z in self._retired:  # (its workers, if any, lose only their exit report)
+                await z.aclose()
+            self._retired.clear()
             workers: list[int] = []
             for m in managed:
                 entry = {"config": attrs.asdict(m.config), "origin": m.origin,
@@ -490,8 +499,10 @@ class Daemon:
                 w = await m.worker.detach()  # None: restarting; the next process starts it clean
                 if w is not None:
                     entry["worker"] = {"pid": w["pid"], "channel": bundle.add_fd(w["fd"]),
-                                       "next_id": w["next_id"], "attached": w["attached"]}
-                    workers.append(w["pid"])
+                                       "next_id": w["next_id"], "attached": w["attached"],
+                                       "reported": w["zygote"] is self.zygote}
+                    if w["zygote"] is self.zygote:
+                        workers.append(w["pid"])
                 bundle.doc["functions"].append(entry)
             z = await self.zygote.detach()
             if z is not None:
@@ -595,8 +606,11 @@ class Daemon:
             listener = trio.socket.from_stdlib_socket(socket.socket(fileno=bundle.fds[entry["listen"]]))
             try:
                 fc = cfg.FunctionConfig(**entry["config"])
+                adopt = None
+                if worker is not None:  # the channel is the worker handle's from here on
+                    adopt = (worker, fds.pop(), retired if worker.get("reported", True) else
+                             Zygote.retired(*log.settings()))
                 restore = (entry["state"], fds) if entry["state"] is not None else None
-                adopt = (worker, fds.pop(), retired) if worker is not None else None
                 m = await self._start(fc, entry["origin"], listener, restore=restore, adopt=adopt)
             except (cfg.ConfigError, TypeError, KeyError, ValueError) as exc:
                 # Its VMM sees the connection close (these were the last copies; a running
@@ -635,6 +649,9 @@ class Daemon:
                                        int(z.get("next_id", 0)), [int(p) for p in z["workers"]])
         except (KeyError, TypeError, ValueError, IndexError, OSError) as exc:
             self.log.error("handover_zygote_unusable", error=str(exc))
+            if isinstance(z, dict) and isinstance(z.get("channel"), int) \
+                    and 0 <= z["channel"] < len(bundle.fds):
+                _close_all([bundle.fds[z["channel"]]])
             return Zygote.retired(fmt, level)
         self._nursery.start_soon(retired.run)
         self._retired.append(retired)
@@ -672,9 +689,11 @@ class Daemon:
                     await m.worker.discard(successor)
                     continue
                 try:
-                    pauses.append((await m.worker.switch_to(successor))["pause_ms"])
+                    pauses.append((await m.worker.switch_to(successor, retire_now=False))["pause_ms"])
                 except CommandError as exc:
                     failed[f"{m.fid:#x}"] = exc.message
+            for m in managed:
+                m.worker.retire_replaced()
             for fid, error in failed.items():
                 self.log.error("worker_upgrade_failed", fid=fid, error=error,
                                action="the old worker goes on serving")

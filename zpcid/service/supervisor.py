@@ -321,6 +321,7 @@ class _Process:
     parent: _Rpc | None  # the zygote channel that reports this process's exit
     pidfd: int | None = None
     read_scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
+    read_done: trio.Event = attrs.field(factory=trio.Event)  # the reader stopped (or detached)
     gone: trio.Event = attrs.field(factory=trio.Event)  # the channel ended: the process exits
     ended: trio.Event = attrs.field(factory=trio.Event)  # gone, or replaced by ``successor``
     successor: "_Process | None" = None
@@ -338,8 +339,11 @@ class _Process:
         return proc
 
     async def read(self) -> None:
-        with self.read_scope:
-            await self.rpc.read()
+        try:
+            with self.read_scope:
+                await self.rpc.read()
+        finally:
+            self.read_done.set()
         if not self.read_scope.cancelled_caught:
             self.rpc.channel.close()
             self.gone.set()
@@ -390,6 +394,7 @@ class WorkerHandle:
     restore: tuple[dict, list[int]] | None = None
     # ... or the running process it takes over (an upgrade kept it alive through exec).
     adopt: _Process | None = None
+    _replaced: list[_Process] = attrs.field(factory=list)  # quiesced, waiting to be let go
 
     @property
     def attached(self) -> bool:
@@ -449,6 +454,9 @@ class WorkerHandle:
                     backoff = min(backoff * 2, BACKOFF_MAX)
                 nursery.cancel_scope.cancel()
         finally:
+            for replaced in self._replaced:  # never let go: they must not resume
+                replaced.kill()
+            self._replaced.clear()
             if self.proc is not None:
                 self.proc.kill()
                 if self.proc.pidfd is not None:
@@ -558,12 +566,19 @@ class WorkerHandle:
             raise CommandError("unavailable", f"fid {self.fid:#x}: worker is {self.state}")
         rpc = self.rpc
         try:
-            await rpc.call("quiesce", {"timeout": timeout}, timeout=timeout + RPC_TIMEOUT)
             try:
-                result, fds = await rpc.call("snapshot")
-            except CommandError:
-                await rpc.call("resume")
-                raise
+                result, fds = await rpc.call("handover", {"timeout": timeout},
+                                             timeout=timeout + RPC_TIMEOUT)
+            except CommandError as exc:
+                if exc.code != "not-supported":
+                    raise
+                # A worker of an older zpcid (adopted in an upgrade): the two steps.
+                await rpc.call("quiesce", {"timeout": timeout}, timeout=timeout + RPC_TIMEOUT)
+                try:
+                    result, fds = await rpc.call("snapshot")
+                except CommandError:
+                    await rpc.call("resume")
+                    raise
         except Closed:
             raise CommandError("unavailable", f"fid {self.fid:#x}: worker exited") from None
         return result["state"], fds
@@ -598,14 +613,13 @@ class WorkerHandle:
             return None
         proc.read_scope.cancel()
         with trio.CancelScope(shield=True):
-            while not proc.rpc.closed:  # the reader stops between two frames
-                await trio.sleep(0)
+            await proc.read_done.wait()  # the reader stops between two frames
         self.proc = None
         if proc.pidfd is not None:
             os.close(proc.pidfd)
             proc.pidfd = None
         return {"pid": proc.pid, "fd": proc.rpc.channel.detach(), "next_id": proc.rpc.next_id,
-                "attached": proc.attached}
+                "attached": proc.attached, "zygote": proc.zygote}
 
     async def prepare_successor(self) -> _Process:
         """A new worker (from the current zygote) with the function built, not yet serving;
@@ -619,10 +633,13 @@ class WorkerHandle:
         proc.kill()
         await proc.reap()
 
-    async def switch_to(self, successor: _Process, timeout: float = QUIESCE_TIMEOUT) -> dict[str, Any]:
+    async def switch_to(self, successor: _Process, timeout: float = QUIESCE_TIMEOUT,
+                        retire_now: bool = True) -> dict[str, Any]:
         """Hand the function to ``successor`` (from ``prepare_successor``). The pause is
         quiesce + snapshot + restore only; on failure before the successor has taken
-        over, the old worker goes on serving."""
+        over, the old worker goes on serving. The old one is let go at once, or with
+        ``retire_now`` False at ``retire_replaced`` (it idles, quiesced, till then: its
+        exit then does not compete for the CPU with the next function's pause)."""
         old = self.proc
         t0 = trio.current_time()
         try:
@@ -656,11 +673,18 @@ class WorkerHandle:
         self._serve(successor)
         old.successor = successor
         old.ended.set()
-        self._nursery.start_soon(self._retire, old)
+        self._replaced.append(old)
+        if retire_now:
+            self.retire_replaced()
         self.log.info("worker_replaced", fid=self.fid, uid=self.uid, old_pid=old.pid, pid=successor.pid,
                       quiesce_ms=round((paused - t0) * 1e3, 2), pause_ms=round((now - t0) * 1e3, 2))
         return {"old_pid": old.pid, "pid": successor.pid, "attached": successor.attached,
                 "pause_ms": round((now - t0) * 1e3, 3)}
+
+    def retire_replaced(self) -> None:
+        """Let the workers replaced so far go (in the background)."""
+        while self._replaced:
+            self._nursery.start_soon(self._retire, self._replaced.pop())
 
     async def _retire(self, proc: _Process) -> None:
         await self._let_go(proc)

@@ -315,6 +315,17 @@ class Worker:
             raise RequestError("busy", f"cannot snapshot: {exc}") from None
         return WithFds({"state": doc}, fds)
 
+    async def op_handover(self, args):
+        """``quiesce`` and ``snapshot`` in one request: a live restart's pause then waits
+        for one round trip to this worker instead of two. Still quiesced afterwards (or
+        resumed, if either step fails)."""
+        await self.op_quiesce(args)
+        try:
+            return await self.op_snapshot(args)
+        except RequestError:
+            self.server.resume()
+            raise
+
     async def op_resume(self, args):
         self.server.resume()
         return {}
@@ -334,7 +345,8 @@ HANDLERS = {"show": Worker.op_show, "sample": Worker.op_sample, "mappings": Work
             "clear-error": Worker.op_clear_error,
             "reset": Worker.op_reset, "set": Worker.op_set, "release": Worker.op_release,
             "stop": Worker.op_stop, "ping": Worker.op_ping, "quiesce": Worker.op_quiesce,
-            "snapshot": Worker.op_snapshot, "resume": Worker.op_resume, "abandon": Worker.op_abandon}
+            "snapshot": Worker.op_snapshot, "handover": Worker.op_handover, "resume": Worker.op_resume,
+            "abandon": Worker.op_abandon}
 
 
 def main(fd: int) -> int:

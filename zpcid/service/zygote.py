@@ -123,7 +123,12 @@ def main(argv: list[str] | None = None) -> int:
     set_process_name("zpcid-zygote")
     sock = socket.socket(fileno=args.fd)
     preload()
-    return Zygote(sock).serve()
+    code = Zygote(sock).serve()
+    # No interpreter teardown (every module of zpcid is loaded here): it would only burn
+    # CPU while the supervisor pauses a function for a live restart that replaced us.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":
