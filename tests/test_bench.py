@@ -1,6 +1,7 @@
 """The benchmark command runs end to end (figures are recorded, never asserted)."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -48,6 +49,23 @@ def test_bench_quick_json(tmp_path):
     assert "+100.0%" in line and "WORSE" in line  # twice the CPU time
     line = next(line for line in text.splitlines() if line.startswith("RPCIT: shadow 64 MiB"))
     assert "+100.0%" in line and "better" in line  # twice the rate
+
+
+def test_against_another_tree_measures_the_same_three_messages(tmp_path):
+    """``--against SRC`` runs that tree's daemon in the same rounds: REGION_READ,
+    REGION_WRITE and the one-page RPCIT, each next to zpcid's own figure."""
+    src = os.path.abspath(os.path.join(os.path.dirname(bench.__file__), "..", ".."))  # this tree
+    out = subprocess.run([sys.executable, "-m", "zpcid.cli", "bench", "--quick", "--json", "--quiet",
+                          "--only", "message", "--against", src],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    rows = {f"{r['group']}: {r['name']}": r for r in json.loads(out.stdout)["rows"]}
+    for what in ("REGION_READ", "REGION_WRITE to a register", "one-page RPCIT"):
+        theirs = rows[f"server CPU: --against daemon per {what}"]
+        vs = rows[f"server CPU: zpcid per {what} vs the --against daemon"]
+        assert theirs["value"] > 0 and vs["ratio"] > 0
+        assert len(vs["baseline_samples"]) == len(vs["samples"])  # interleaved, batch for batch
+    assert "message path: --against daemon: one-page RPCIT intercept, round trip" in rows
 
 
 def test_rows_report_cost_against_the_baseline():

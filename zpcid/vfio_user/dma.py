@@ -168,7 +168,7 @@ class DmaSpace:
         i = bisect.bisect_right(self._starts, addr) - 1
         if i >= 0:
             r = self._regions[i]
-            if addr < r.end:
+            if addr < r.iova + r.size:
                 return r
         return None
 
@@ -183,6 +183,16 @@ class DmaSpace:
 
     def view(self, addr: int, length: int, write: bool = False) -> memoryview:
         """A memoryview of mapped memory; the range may span adjacent regions of one file."""
+        # The common case first (a table walk asks this per level): inside one
+        # mapped, permitted region of a mapped file.
+        i = bisect.bisect_right(self._starts, addr) - 1
+        if i >= 0 and length > 0:
+            r = self._regions[i]
+            f = r.file
+            if (addr + length <= r.iova + r.size and f is not None and f.mm is not None
+                    and (r.writable if write else r.readable)):
+                start = r.offset - f.start + (addr - r.iova)
+                return memoryview(f.mm)[start : start + length]
         r = self._check(self.find(addr), addr, length, write)
         if r.file is None:
             raise DmaFault(addr, length, write, "range has no shared memory (message mode)")

@@ -15,6 +15,10 @@ from typing import Protocol, Sequence
 import trio
 
 RECV_CHUNK = 256 * 1024
+# Plain ints: ``flags & socket.MSG_CTRUNC`` goes through IntFlag arithmetic,
+# which costs ~1 us -- as much as framing a message.
+_MSG_CTRUNC = int(socket.MSG_CTRUNC)
+_MSG_CMSG_CLOEXEC = int(socket.MSG_CMSG_CLOEXEC)
 
 
 class Transport(Protocol):
@@ -87,6 +91,7 @@ class SocketTransport:
         # (and the allocator mmap/munmap) a 256 KiB object per call.
         self._rbuf = bytearray(RECV_CHUNK)
         self._rview = memoryview(self._rbuf)
+        self._rbufs = [self._rbuf]
 
     @classmethod
     async def connect(cls, path: str, max_fds: int = 253) -> "SocketTransport":
@@ -109,7 +114,7 @@ class SocketTransport:
             await trio.lowlevel.checkpoint()
         while True:
             try:
-                n, anc, flags, _ = raw.recvmsg_into([self._rbuf], self._ancbuf, socket.MSG_CMSG_CLOEXEC)
+                n, anc, flags, _ = raw.recvmsg_into(self._rbufs, self._ancbuf, _MSG_CMSG_CLOEXEC)
                 break
             except BlockingIOError:
                 self._eager_reads = 0
@@ -122,8 +127,8 @@ class SocketTransport:
                 raise TransportError(str(exc)) from None
         self._eager_reads += 1
         data = self._rview[:n].tobytes()
-        fds = _fds_from_ancdata(anc)
-        if flags & socket.MSG_CTRUNC:
+        fds = _fds_from_ancdata(anc) if anc else []
+        if flags & _MSG_CTRUNC:
             close_fds(fds)
             raise TransportError("ancillary data truncated: peer sent too many descriptors")
         return data, fds

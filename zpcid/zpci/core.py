@@ -259,17 +259,22 @@ class ZpciCore:
     # ------------------------------------------------------------------ the region
     def publish(self) -> None:
         """Refresh everything read-only the VMM reads from the region."""
-        if self.region.closed:
+        region = self.region
+        if region.closed:
             return
-        ioat = (R.HDR_IOAT_REGISTERED if self.ioat else 0) | (R.HDR_IOAT_DIRECT if self.direct else 0)
-        self.region.publish_header(
-            mode=self.mode, limit=self.mem_limit, vmm=(self.vmm_flags, self.vmm_fid, self.vmm_uid),
-            state=self.state, fh=self.fh, fid=self.props.fid, uid=self.props.uid, ioat=ioat,
-            shadow=self.shadow.mapped, available=self.shadow.available, lost=self.ring.lost)
+        reg = self.ioat_reg
+        ioat = 0 if reg is None else (R.HDR_IOAT_REGISTERED | R.HDR_IOAT_DIRECT if reg.direct
+                                      else R.HDR_IOAT_REGISTERED)
+        st, props, shadow = self.st, self.props, self.shadow
+        region.publish_header(self.mode, self.mem_limit, self.vmm_flags, self.vmm_fid, self.vmm_uid,
+                              st.state, st.fh, props.fid, props.uid, ioat, shadow.mapped, shadow.available,
+                              self.ring.lost)
         # The CLP blocks change only with the handle, configuration state, BARs,
-        # mode (the refresh bit), aperture or properties: rebuild them only then (publish runs per intercept).
-        key = (self.fh, self.state, self.mode, self.mem_limit, tuple(sorted(self.port.zpci_bars().items())),
-               self.props, self.port.zpci_msix_vectors())
+        # mode (the refresh bit), aperture or properties: rebuild them only then (publish
+        # runs per intercept; the port hands out the same BAR mapping while the BARs stay
+        # as they are, so the comparison is by identity then).
+        key = (st.fh, st.state, self.mode, self.mem_limit, self.port.zpci_bars(), props,
+               self.port.zpci_msix_vectors())
         if key == self._clp_key:
             return
         self._clp_key = key
@@ -281,6 +286,8 @@ class ZpciCore:
         Raises RegionError (EINVAL to the REGION_WRITE) for a guest memory limit
         whose aperture would not fit in 64 bits; the old value stays published.
         """
+        if start >= R.HDR_VMM_UID + 4 or end <= R.HDR_MODE:
+            return  # the mailbox, CLP, data or event-consumer fields: nothing to apply here
         mode, limit, flags, fid, uid = self.region.vmm_fields()
         if start < R.HDR_VMM_UID + 4 and end > R.HDR_VMM_FLAGS:
             if (flags, fid, uid) != (self.vmm_flags, self.vmm_fid, self.vmm_uid):
@@ -435,12 +442,15 @@ class ZpciCore:
         self._count_walk(result)
         if result.error is None:
             self.fmb.count("rpcit")
-        self.publish()
+        # No publish here: the doorbell that ran the RPCIT publishes once it has the results.
         return result
 
     def _count_walk(self, result: RpcitResult) -> None:
-        self.port.zpci_count("pages_mapped", result.mapped + result.changed)
-        self.port.zpci_count("pages_unmapped", result.unmapped)
+        # A one-page refresh of an unchanged mapping is the common RPCIT: skip the zero counts.
+        if result.mapped or result.changed:
+            self.port.zpci_count("pages_mapped", result.mapped + result.changed)
+        if result.unmapped:
+            self.port.zpci_count("pages_unmapped", result.unmapped)
 
     def _filled(self, result: RpcitResult) -> None:
         """A shadow miss was walked (lazy translation)."""

@@ -8,7 +8,8 @@ function's extension interface. The core sees the function only through the
 
 from __future__ import annotations
 
-from typing import Any
+from types import MappingProxyType
+from typing import Any, Mapping
 
 import attrs
 
@@ -20,6 +21,7 @@ from zpcid.zpci.properties import ZpciProperties
 
 class ZpciFunction(PciFunction):
     def __init__(self, name: str, *, zpci: ZpciProperties | None = None, **pci: Any):
+        self._zpci_bars: tuple[tuple[bytes, int], Mapping[int, tuple[int, int]]] | None = None
         super().__init__(name, **pci)
         self.zpci = ZpciCore(name, zpci or ZpciProperties(), self.log, self, self.dma)
         self.attach_extension(self.zpci)
@@ -60,9 +62,19 @@ class ZpciFunction(PciFunction):
     def zpci_ids(self) -> tuple[int, int]:
         return self.config.u16(0), self.config.u16(2)
 
-    def zpci_bars(self) -> dict[int, tuple[int, int]]:
-        return {i: (bar.region.size, self.config.u32(0x10 + 4 * i))
-                for i, bar in self.config.bars.items() if i < 6}
+    def zpci_bars(self) -> Mapping[int, tuple[int, int]]:
+        # Asked on every intercept (the CLP key in publish, PCILG/PCISTG/PCISTB):
+        # the same read-only mapping while the BAR registers and the set of BARs
+        # are unchanged (BARs are only ever added; their sizes are fixed).
+        cfg = self.config
+        key = (bytes(cfg.data[0x10:0x28]), len(cfg.bars))
+        cached = self._zpci_bars
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        bars = MappingProxyType({i: (bar.region.size, cfg.u32(0x10 + 4 * i))
+                                 for i, bar in cfg.bars.items() if i < 6})
+        self._zpci_bars = (key, bars)
+        return bars
 
     def zpci_msix_vectors(self) -> int:
         return self.msix.nvec if self.msix is not None else 0

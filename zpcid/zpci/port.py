@@ -8,15 +8,15 @@ imports the other's insides.
 
 from __future__ import annotations
 
-from typing import Awaitable, Callable, Protocol
+from typing import Awaitable, Callable, Mapping, Protocol
 
 
 class FunctionPort(Protocol):
     def zpci_ids(self) -> tuple[int, int]:
         """(vendor ID, device ID) from config space."""
 
-    def zpci_bars(self) -> dict[int, tuple[int, int]]:
-        """BAR index (0-5) -> (size, the BAR register as the guest programmed it)."""
+    def zpci_bars(self) -> Mapping[int, tuple[int, int]]:
+        """BAR index (0-5) -> (size, the BAR register as the guest programmed it); read-only."""
 
     def zpci_msix_vectors(self) -> int:
         """MSI-X vectors of the function (0 without MSI-X)."""

@@ -11,6 +11,14 @@ from protocol.vfio_user.messages import TypeCap
 from protocol.zpci import region as R
 from zpcid.vfio_user.regions import MemfdRegion
 
+# Precompiled: the header, operands and results are packed on every intercept.
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+_VMM_IDS = struct.Struct("<III")
+_STATE_BLOCK = struct.Struct("<IIIIIIII")  # HDR_STATE .. HDR_EVENTS_LOST
+_OPERANDS = struct.Struct(R.OPERANDS_FORMAT)
+_RESULTS = struct.Struct(R.RESULT_FORMAT)
+
 
 class ControlRegion(MemfdRegion):
     """Region 9: an mmappable memfd. A REGION_WRITE stores only the writable
@@ -34,10 +42,12 @@ class ControlRegion(MemfdRegion):
         end = offset + len(data)
         # Read-only parts (header, CLP data, results, event producer) are owned
         # by zpcid; only the writable fields are taken from a REGION_WRITE.
+        mm = self.mm
         for lo, hi in R.WRITABLE_RANGES:
-            a, b = max(lo, offset), min(hi, end)
-            if a < b:
-                self.mm[a:b] = data[a - offset : b - offset]
+            if lo < end and offset < hi:
+                a = lo if lo > offset else offset
+                b = hi if hi < end else end
+                mm[a:b] = data[a - offset : b - offset]
         self.on_write(offset, end)
         if offset <= R.MAILBOX + R.MB_DOORBELL < end:
             await self.on_doorbell()
@@ -59,14 +69,16 @@ class ControlRegion(MemfdRegion):
         limit, = struct.unpack_from("<Q", self.mm, R.HDR_MEM_LIMIT)
         return (mode, limit, *struct.unpack_from("<III", self.mm, R.HDR_VMM_FLAGS))
 
-    def publish_header(self, *, mode: int, limit: int, vmm: tuple[int, int, int], state: int, fh: int,
-                       fid: int, uid: int, ioat: int, shadow: int, available: int, lost: int) -> None:
+    def publish_header(self, mode: int, limit: int, vmm_flags: int, vmm_fid: int, vmm_uid: int,
+                       state: int, fh: int, fid: int, uid: int, ioat: int, shadow: int, available: int,
+                       lost: int) -> None:
+        """The read-only header fields (positional: this runs on every intercept)."""
         mm = self.mm
-        struct.pack_into("<I", mm, R.HDR_MODE, mode)
-        struct.pack_into("<Q", mm, R.HDR_MEM_LIMIT, limit)
-        struct.pack_into("<III", mm, R.HDR_VMM_FLAGS, *vmm)
-        struct.pack_into("<IIIIIIII", mm, R.HDR_STATE, state, fh, fid, uid, ioat, shadow,
-                         min(available, 0xFFFFFFFF), lost)
+        _U32.pack_into(mm, R.HDR_MODE, mode)
+        _U64.pack_into(mm, R.HDR_MEM_LIMIT, limit)
+        _VMM_IDS.pack_into(mm, R.HDR_VMM_FLAGS, vmm_flags, vmm_fid, vmm_uid)
+        _STATE_BLOCK.pack_into(mm, R.HDR_STATE, state, fh, fid, uid, ioat, shadow,
+                               available if available < 0xFFFFFFFF else 0xFFFFFFFF, lost)
 
     def publish_clp(self, entry: bytes, query: bytes, group: bytes) -> None:
         mm = self.mm
@@ -77,7 +89,7 @@ class ControlRegion(MemfdRegion):
     # ------------------------------------------------------------------ mailbox
     def operands(self) -> tuple[int, int, int, int]:
         """(command, r1, r2, r3) as the VMM left them."""
-        return struct.unpack_from(R.OPERANDS_FORMAT, self.mm, R.MAILBOX)
+        return _OPERANDS.unpack_from(self.mm, R.MAILBOX)
 
     def fib_in(self) -> bytes:
         base = R.MAILBOX + R.MB_FIB
@@ -97,9 +109,8 @@ class ControlRegion(MemfdRegion):
     def set_results(self, result: int, cc: int, status: int, exception: int, writeback: int,
                     r1_out: int, r2_out: int, fib: bytes | None) -> None:
         mm = self.mm
-        struct.pack_into(R.RESULT_FORMAT, mm, R.MAILBOX + R.MB_RESULT, result, cc, status, exception,
-                         writeback, r1_out)
-        struct.pack_into("<Q", mm, R.MAILBOX + R.MB_R2_OUT, r2_out)
+        _RESULTS.pack_into(mm, R.MAILBOX + R.MB_RESULT, result, cc, status, exception, writeback, r1_out)
+        _U64.pack_into(mm, R.MAILBOX + R.MB_R2_OUT, r2_out)
         if fib is not None:
             mm[R.MAILBOX + R.MB_FIB_OUT : R.MAILBOX + R.MB_FIB_OUT + len(fib)] = fib
 

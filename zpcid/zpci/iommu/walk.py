@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import struct
 import time
+from typing import Sequence
 
 import attrs
 import numpy as np
@@ -351,8 +352,13 @@ def _unpack_u64s(buf, count: int, offset: int = 0) -> tuple[int, ...]:
     return st.unpack_from(buf, offset)
 
 
-def _read_u64s(mem: GuestMemory, addr: int, count: int) -> list[int]:
-    """``_read_entries`` as a list of ints: the same views, the same zeros outside memory."""
+def _read_u64s(mem: GuestMemory, addr: int, count: int) -> Sequence[int]:
+    """``_read_entries`` as ints: the same views, the same zeros outside memory."""
+    if 0 < count and addr + count * 8 <= 1 << 64:
+        try:  # the usual case, one view (without _entry_views' generator)
+            return _unpack_u64s(mem.view(addr, count * 8), count)
+        except DmaFault:
+            pass
     out = [0] * count
     for first, end, v in _entry_views(mem, addr, count):
         out[first:end] = _unpack_u64s(v, end - first)
