@@ -115,10 +115,14 @@ class DmaEngine(ZpciFunction):
             self._set("<I", REG_STATUS, STATUS_BUSY)
             await self.defer(self._serialized, self._run_ring, int.from_bytes(data, "little"))
             return
-        for i, b in enumerate(data):
-            o = offset + i
-            if any(lo <= o < hi for lo, hi in self._WRITABLE):
-                self.regs[o] = b
+        # Only the writable bytes, one slice per writable range the access covers.
+        end = offset + len(data)
+        regs = self.regs
+        for lo, hi in self._WRITABLE:
+            if lo < end and offset < hi:
+                a = lo if lo > offset else offset
+                b = hi if hi < end else end
+                regs[a:b] = data[a - offset : b - offset]
 
     async def _serialized(self, fn, *args) -> None:
         async with self._lock:
