@@ -117,43 +117,37 @@ async def test_restore_continues_and_refused_snapshot_closes_the_vmm(sock_dir, s
         mem.close()
 
 
-async def test_standby_worker_takes_only_start_with_the_listening_socket(sock_dir):
-    """A pre-started worker serves nothing until `start`; a malformed one is refused and
-    the worker exits (the supervisor's serving worker was never touched)."""
-    fc = _function_config(sock_dir)
+async def _refused(fc, requests) -> int:
+    """Send ``requests`` ((msg, fds, expect_ok) each) to a fresh in-process worker; the
+    last must be refused as a bad request. Returns the worker's exit code."""
     ours, theirs = socket.socketpair()
     ch = Channel(ours)
+    code = []
     async with trio.open_nursery() as nursery:
-        code = []
-
         async def run():
             code.append(await Worker(Channel(theirs)).run())
 
         nursery.start_soon(run)
-        # descriptors with a standby init are refused too
-        extra = os.open(os.devnull, os.O_RDONLY)
-        await ch.send({"id": 1, "op": "init", "args": {"function": attrs.asdict(fc),
-                                                       "standby": True}}, [extra])
-        os.close(extra)
-        reply, _ = await ch.recv()
-        assert not reply["ok"] and reply["error"]["code"] == "bad-request"
-    assert code == [1]
+        for msg, fds, ok in requests:
+            await ch.send(msg, fds)
+            for fd in fds:
+                os.close(fd)
+            reply, _ = await ch.recv()
+            assert reply["id"] == msg["id"] and reply["ok"] is ok, reply
+        assert reply["error"]["code"] == "bad-request"
     ch.close()
+    return code[0]
 
-    ours, theirs = socket.socketpair()
-    ch = Channel(ours)
-    async with trio.open_nursery() as nursery:
-        code = []
 
-        async def run2():
-            code.append(await Worker(Channel(theirs)).run())
-
-        nursery.start_soon(run2)
-        await ch.send({"id": 1, "op": "init", "args": {"function": attrs.asdict(fc), "standby": True}})
-        reply, _ = await ch.recv()
-        assert reply["ok"] and reply["result"]["pid"] == os.getpid()
-        await ch.send({"id": 2, "op": "show", "args": {}})  # anything but `start`
-        reply, _ = await ch.recv()
-        assert reply["id"] == 2 and not reply["ok"] and reply["error"]["code"] == "bad-request"
-    assert code == [1]
-    ch.close()
+async def test_standby_worker_takes_only_start_with_the_listening_socket(sock_dir):
+    """A pre-started worker serves nothing until `start`; a malformed request is refused
+    and the worker exits (the supervisor's serving worker was never touched)."""
+    fc = _function_config(sock_dir)
+    standby = {"id": 1, "op": "init", "args": {"function": attrs.asdict(fc), "standby": True}}
+    # descriptors with a standby init are refused
+    assert await _refused(fc, [(standby, [os.open(os.devnull, os.O_RDONLY)], False)]) == 1
+    # built, then anything but `start` (with the listening socket) ends it
+    assert await _refused(fc, [(standby, [], True),
+                               ({"id": 2, "op": "show", "args": {}}, [], False)]) == 1
+    assert await _refused(fc, [(standby, [], True),
+                               ({"id": 3, "op": "start", "args": {"restore": None}}, [], False)]) == 1

@@ -356,15 +356,18 @@ class _Process:
             except OSError:
                 pass
 
+    def close_pidfd(self) -> None:
+        if self.pidfd is not None:
+            os.close(self.pidfd)
+            self.pidfd = None
+
     async def reap(self) -> int | None:
         """Once its channel has ended: the exit status (None: unknown); closes the pidfd."""
-        await self.gone.wait()
         try:
+            await self.read_done.wait()
             return await self.zygote.exit_status(self.pid, self.parent)
         finally:
-            if self.pidfd is not None:
-                os.close(self.pidfd)
-                self.pidfd = None
+            self.close_pidfd()
 
 
 @attrs.define(eq=False)
@@ -456,12 +459,11 @@ class WorkerHandle:
         finally:
             for replaced in self._replaced:  # never let go: they must not resume
                 replaced.kill()
+                replaced.close_pidfd()
             self._replaced.clear()
             if self.proc is not None:
                 self.proc.kill()
-                if self.proc.pidfd is not None:
-                    os.close(self.proc.pidfd)
-                    self.proc.pidfd = None
+                self.proc.close_pidfd()
                 self.proc = None
             self.drop_restore()
             self.state = "stopped"
@@ -494,6 +496,7 @@ class WorkerHandle:
                                            f"starting: {exit_reason(status)}") from None
         except BaseException:
             proc.kill()
+            proc.close_pidfd()
             raise
         finally:
             # The worker has its own copies now (or died: then its VMM is told by the
@@ -615,9 +618,7 @@ class WorkerHandle:
         with trio.CancelScope(shield=True):
             await proc.read_done.wait()  # the reader stops between two frames
         self.proc = None
-        if proc.pidfd is not None:
-            os.close(proc.pidfd)
-            proc.pidfd = None
+        proc.close_pidfd()
         return {"pid": proc.pid, "fd": proc.rpc.channel.detach(), "next_id": proc.rpc.next_id,
                 "attached": proc.attached, "zygote": proc.zygote}
 
@@ -633,6 +634,14 @@ class WorkerHandle:
         proc.kill()
         await proc.reap()
 
+    def _drop(self, proc: _Process) -> None:
+        """``discard`` without waiting (also where we are being cancelled)."""
+        proc.kill()
+        try:
+            self._nursery.start_soon(proc.reap)
+        except RuntimeError:  # this handle has stopped: nobody collects the status
+            proc.close_pidfd()
+
     async def switch_to(self, successor: _Process, timeout: float = QUIESCE_TIMEOUT,
                         retire_now: bool = True) -> dict[str, Any]:
         """Hand the function to ``successor`` (from ``prepare_successor``). The pause is
@@ -645,23 +654,20 @@ class WorkerHandle:
         try:
             doc, fds = await self.quiesce_and_snapshot(timeout)
         except BaseException:
-            with trio.CancelScope(shield=True):
-                await self.discard(successor)
+            self._drop(successor)
             raise
         paused = trio.current_time()
         try:
             await successor.rpc.call("start", {"restore": doc}, [self.listener.fileno(), *fds],
                                      timeout=INIT_TIMEOUT)
         except BaseException as exc:
-            refused = isinstance(exc, CommandError) and exc.code != "busy"
-            with trio.CancelScope(shield=True):
-                await self.discard(successor)
-                if refused:  # it answered before taking anything: the old one goes on
-                    await self.resume()
-                else:
-                    # It may have read from the VMM socket: the old state is stale. Like a crash,
-                    # the VMM is told by its connection closing.
-                    old.kill()
+            self._drop(successor)
+            if isinstance(exc, CommandError) and exc.code != "busy":
+                await self.resume()  # it answered before taking anything: the old one goes on
+            else:
+                # It may have read from the VMM socket (or, cancelled, we cannot tell): the
+                # old state is stale. Like a crash, the VMM is told by its connection closing.
+                old.kill()
             if not isinstance(exc, (Closed, CommandError)):
                 raise
             raise CommandError("internal", f"fid {self.fid:#x}: the new worker did not take over: "

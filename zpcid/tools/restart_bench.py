@@ -9,11 +9,13 @@ alternates, round by round (A B A B):
 * baseline: the same loops, no restart, for as long as a restart takes;
 * ``zpcictl restart`` of every function, one after another (a new worker
   process per function, new code);
-* ``zpcictl upgrade`` (the whole daemon re-executes itself).
+* ``zpcictl upgrade`` (the supervisor re-executes itself, then replaces every
+  worker by a pre-started one, one function at a time).
 
 Reported per kind: the daemon's pause (stop reading -> reading again, from its
-own clock: ``pause_ms``) and the longest single request any client saw in that
-window (what a guest would notice), min/median/max over the rounds.
+own clock: ``pause_ms``; for 16 functions the longest single-function pause)
+and the longest single request any client saw in that window (what a guest
+would notice), min/median/max over the rounds.
 """
 
 from __future__ import annotations
