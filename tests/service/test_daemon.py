@@ -425,7 +425,8 @@ async def test_metrics_from_control_and_listener(daemons):
         assert m[("zpcid_shadow_mappings", (("fid", "0x1"),))] == 0
         assert m[("zpcid_dma_limit_remaining", (("fid", "0x2"),))] == 300
         assert m[("zpcid_errors_total", (("fid", "0x2"), ("kind", "pec_0x0b")))] == 1
-        for name in ("zpcid_rpcit_calls_total", "zpcid_pages_mapped_total", "zpcid_pages_unmapped_total",
+        for name in ("zpcid_rpcit_calls_total", "zpcid_shadow_fills_total", "zpcid_pages_mapped_total",
+                     "zpcid_pages_unmapped_total",
                      "zpcid_dma_read_bytes_total", "zpcid_dma_written_bytes_total",
                      "zpcid_interrupts_total"):
             assert (name, (("fid", "0x2"),)) in m, name
