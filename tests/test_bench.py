@@ -103,8 +103,8 @@ async def test_virtio_randread_pairs_alternate_baseline_and_zpcid(tmp_path):
     from zpcid.tools.virtio_bench import run_randread_pairs
 
     out = await run_randread_pairs(runs=2, duration=0.05, size=4 << 20, depth=4, directory=str(tmp_path))
-    assert len(out["baseline"]) == len(out["virtio"]) == 2
-    assert all(x > 0 for x in out["baseline"] + out["virtio"])
+    assert len(out["baseline"]) == len(out["virtio"]) == len(out["virtio_batch"]) == 2
+    assert all(x > 0 for x in out["baseline"] + out["virtio"] + out["virtio_batch"])
     assert out["where"] not in ("", "?")  # the filesystem under the test file was found
     assert out["notifications"] > 0
     assert not any(tmp_path.iterdir())  # the disk image is removed afterwards

@@ -939,3 +939,27 @@ async def test_io_uring_backing_errors_fail_the_request_only(sock_dir):
         assert await drv.status() & NEEDS_RESET == 0
     assert fn.counters.errors["virtio_blk_backing"] == 1
     fn.close()
+
+
+async def test_driver_batches_reads_under_one_kick_and_fails_requests_never_completed(disk, sock_dir):
+    fn = VirtioBlkFunction("vb0", path=disk, size="4M")
+    async with blk_guest(fn, sock_dir) as drv:
+        data = pattern(40, 32 * 4096)
+        await drv.write(0, 0, data)
+        q = drv.queues[0]
+        kicks = q.notifications
+        got = await drv.read_many(0, [(i * 8, 4096) for i in reversed(range(32))])
+        assert got == [data[i * 4096 : (i + 1) * 4096] for i in reversed(range(32))]
+        assert q.notifications - kicks <= 1
+        # A device that stops answering: the request fails after the driver's timeout.
+        with trio.fail_after(WAIT):
+            await fn.quiesce()
+        drv.timeout = 0.2
+        with trio.fail_after(WAIT), pytest.raises(DriverError, match="no completion"):
+            await drv.read(0, 0, 4096)
+        # (its buffers went back to the allocator: a driver resets the device before reuse)
+        fn.resume()
+        drv.timeout = WAIT
+        await drv.reinit()
+        assert await drv.read(0, 8, 4096) == data[4096:8192]
+    fn.close()

@@ -124,7 +124,7 @@ class DriverQueue:
         self.avail_idx = 0
         self.last_used = 0
         self.chains: dict[int, list[int]] = {}
-        self.waiters: dict[int, list] = {}  # head -> [event, used len]
+        self.waiters: dict[int, list] = {}  # head -> [event, used len, published at]
         self.notify_addr = 0
         self.notifications = 0
         self.interrupts = 0
@@ -166,7 +166,9 @@ class DriverQueue:
 
     def publish(self, head: int) -> trio.Event:
         mem = self.drv.mem
-        waiter = [trio.Event(), None]
+        # [done, used length, when published]: the reaper's watchdog fails waiters
+        # older than the driver's timeout (no cancel scope per request).
+        waiter = [trio.Event(), None, trio.current_time()]
         self.waiters[head] = waiter
         mem.put16(self.avail + 4 + 2 * (self.avail_idx % self.size), head)
         fence()  # ring entry before the index
@@ -193,15 +195,24 @@ class DriverQueue:
 
     async def submit(self, bufs: list[tuple[int, int, bool]], **kw) -> int:
         """Add a chain, publish it, kick, and wait for the device; returns the used length."""
-        head = await self.add(bufs, **kw)
+        return (await self.submit_many([bufs], **kw))[0]
+
+    async def submit_many(self, chains: list[list[tuple[int, int, bool]]], **kw) -> list[int]:
+        """Add chains, publish them, kick once, wait for all; returns their used lengths."""
+        heads = [await self.add(bufs, **kw) for bufs in chains]
         old = self.avail_idx
-        done = self.publish(head)
+        events = [self.publish(head) for head in heads]
         await self.kick(old)
-        with trio.move_on_after(self.drv.timeout):
-            await done.wait()
-        if not done.is_set():
-            raise DriverError(f"queue {self.index}: no completion for head {head}")
-        return self.waiters.pop(head)[1]
+        for done in events:
+            if not done.is_set():  # (a set event would still cost a scheduler pass)
+                await done.wait()
+        out = []
+        for head in heads:
+            used = self.waiters.pop(head)[1]
+            if used is None:
+                raise DriverError(f"queue {self.index}: no completion for head {head}")
+            out.append(used)
+        return out
 
     # ------------------------------------------------------------------ complete
     def reap(self) -> int:
@@ -231,11 +242,24 @@ class DriverQueue:
 
     async def reaper(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
+        check = trio.current_time()
         while True:
-            await trio.lowlevel.wait_readable(self.eventfd)
-            if read_eventfd(self.eventfd):
-                self.interrupts += 1
-            self.reap()
+            period = min(self.drv.timeout / 2, 1.0)  # (the timeout may change meanwhile)
+            with trio.move_on_after(period):
+                await trio.lowlevel.wait_readable(self.eventfd)
+                if read_eventfd(self.eventfd):
+                    self.interrupts += 1
+                self.reap()
+            now = trio.current_time()
+            if now >= check:
+                check = now + period
+                self.expire(now - self.drv.timeout)
+
+    def expire(self, before: float) -> None:
+        """Fail the requests published before ``before`` that the device never completed."""
+        for waiter in self.waiters.values():
+            if waiter[2] < before and not waiter[0].is_set():
+                waiter[0].set()  # (used length None: submit raises)
 
 
 class VirtioPciDriver:
@@ -465,6 +489,29 @@ class VirtioBlkDriver(VirtioPciDriver):
             if table is not None:
                 mem.free(table, DESC_SIZE * len(bufs))
         return status, data, used
+
+    async def read_many(self, q: int, reqs: list[tuple[int, int]]) -> list[bytes]:
+        """Several reads (sector, bytes) as one batch: published together, one kick."""
+        mem = self.mem
+        hdrs = mem.alloc(32 * len(reqs))  # header + status byte, 32 bytes apart
+        datas = [mem.alloc(n) for _, n in reqs]
+        try:
+            chains = []
+            for i, ((sector, n), data) in enumerate(zip(reqs, datas)):
+                h = hdrs + 32 * i
+                mem.write(h, struct.pack("<IIQ", T_IN, 0, sector) + b"\xff")
+                chains.append([(h, 16, False), (data, n, True), (h + 16, 1, True)])
+            await self.queues[q].submit_many(chains)
+            out = []
+            for i, ((sector, n), data) in enumerate(zip(reqs, datas)):
+                if mem.read(hdrs + 32 * i + 16, 1)[0] != S_OK:
+                    raise DriverError(f"read of sector {sector} failed")
+                out.append(mem.read(data, n))
+            return out
+        finally:
+            mem.free(hdrs, 32 * len(reqs))
+            for (_, n), data in zip(reqs, datas):
+                mem.free(data, n)
 
     async def read(self, q: int, sector: int, n: int, **kw) -> bytes:
         status, data, _ = await self.request(q, T_IN, sector, in_len=n, **kw)
