@@ -161,6 +161,32 @@ def test_view_spans_adjacent_maps_of_one_file():
         space.close()
 
 
+def test_views_of_many_pieces_match_piece_by_piece_views():
+    with Memfd(1 << 16, GUEST) as a, Memfd(1 << 16, GUEST) as b:
+        a.write(0, bytes(range(256)) * 256)
+        b.write(0, bytes(reversed(range(256))) * 256)
+        space = DmaSpace()
+        space.add(0, 4 * PAGE, True, True, a.fd, 0)
+        space.add(4 * PAGE, PAGE, True, True, b.fd, 0)  # adjacent, another file
+        space.add(8 * PAGE, PAGE, True, False, a.fd, 0)  # read-only
+        space.add(9 * PAGE, PAGE, True, True)  # message mode
+        pieces = [(0x10, 100), (PAGE + 3, 0), (3 * PAGE - 8, 16), (4 * PAGE - 4, 8), (8 * PAGE, 32),
+                  (0x20, 7)]
+        got = space.views_many(pieces, False)
+        want = [v for p, n in pieces if n for v in space.views(p, n, False)]
+        assert [bytes(v) for v in got] == [bytes(v) for v in want] and len(got) == 6
+        got[0][:2] = b"\xfe\xfd"  # views of the mapping itself, not copies
+        assert a.read(0x10, 2) == b"\xfe\xfd"
+        with pytest.raises(DmaFault):
+            space.views_many([(0, 16), (8 * PAGE, 16)], True)  # read-only piece
+        with pytest.raises(DmaFault):
+            space.views_many([(0, 16), (5 * PAGE, 16)], False)  # unmapped piece
+        assert space.views_many([(0, 16), (9 * PAGE, 16)], False) is None  # only messages reach it
+        for v in got + want:
+            v.release()
+        space.close()
+
+
 def test_view_refuses_maps_of_different_files_and_message_mode():
     with Memfd(1 << 16, GUEST) as a, Memfd(1 << 16, GUEST) as b:
         space = DmaSpace()

@@ -232,6 +232,30 @@ class DmaSpace:
             out.append(memoryview(r.file.mm)[off : off + n])
         return out
 
+    def views_many(self, pieces: list[tuple[int, int]], write: bool) -> list[memoryview] | None:
+        """``views`` of several (addr, len) pieces, looking a region up only when a piece
+        leaves the region of the piece before (a request's buffers mostly share one)."""
+        out: list[memoryview] = []
+        lo = hi = shift = 0
+        base = None
+        for a, n in pieces:
+            if not n:
+                continue
+            if base is None or a < lo or a + n > hi:
+                r = self.find(a)
+                if r is None or a + n > r.end or r.file is None or r.file.mm is None:
+                    base = None  # not mapped, crossing regions, no views: the general path
+                    piece = self.views(a, n, write)
+                    if piece is None:
+                        return None
+                    out += piece
+                    continue
+                self._check(r, a, n, write)
+                lo, hi, shift = r.iova, r.end, r.mm_offset - r.iova
+                base = memoryview(r.file.mm)
+            out.append(base[a + shift : a + shift + n])
+        return out
+
     async def read(self, addr: int, length: int) -> bytes:
         if length == 0:
             return b""

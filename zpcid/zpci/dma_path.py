@@ -73,6 +73,28 @@ class ZpciDmaPath:
         core.account_dma(0, length) if write else core.account_dma(length, 0)
         return out
 
+    def views_many(self, pieces: list[tuple[int, int]], write: bool) -> list[memoryview] | None:
+        """``views`` of several (iova, len) pieces of one request."""
+        core = self.core
+        if not core.translating:
+            try:
+                out = self.space.views_many(pieces, write)
+            except DmaFault:
+                out = None  # the piece-by-piece path below reports the fault
+            else:
+                if out is not None:
+                    total = sum(n for _, n in pieces)
+                    core.account_dma(0, total) if write else core.account_dma(total, 0)
+                return out
+        out = []
+        for iova, n in pieces:
+            if n:
+                piece = self.views(iova, n, write)
+                if piece is None:
+                    return None
+                out += piece
+        return out
+
     async def copy(self, dst: int, src: int, length: int) -> None:
         """Device-internal copy between two IOVA ranges: one memcpy per contiguous piece."""
         core = self.core

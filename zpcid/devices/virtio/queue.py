@@ -118,14 +118,7 @@ class GuardedDma:
         path = self.function.dma_path
         if path.blocked:
             return None
-        out: list[memoryview] = []
-        for addr, n in iov:
-            if n:
-                piece = path.views(addr, n, write)
-                if piece is None:
-                    return None
-                out += piece
-        return out
+        return path.views_many(iov, write)
 
 
 @attrs.define
@@ -297,15 +290,18 @@ class SplitQueue:
         if head >= self.size:
             raise RingError(f"head descriptor {head} outside queue of {self.size}")
         chain = Chain(head)
-        table, limit, i = self.desc, self.size, head
+        readable, writable = chain.readable, chain.writable
+        # The descriptor table as one buffer (a view of shared memory where there is
+        # one), parsed locally: no DMA-space lookup per descriptor.
+        table = self._view(0, 0, DESC_SIZE * self.size)
+        if table is None:
+            table = await self.dma.read(self.desc, DESC_SIZE * self.size)
+        limit, i = self.size, head
         in_indirect = False
         seen = 0
+        unpack = _desc.unpack_from
         while True:
-            if in_indirect:
-                raw = await self.dma.read(table + DESC_SIZE * i, DESC_SIZE)
-            else:
-                raw = await self._read(0, DESC_SIZE * i, DESC_SIZE)
-            addr, length, flags, nxt = _desc.unpack(raw)
+            addr, length, flags, nxt = unpack(table, DESC_SIZE * i)
             if flags & VRING_DESC_F_INDIRECT:
                 if in_indirect or not self.indirect:
                     raise RingError("indirect descriptor not allowed here")
@@ -313,15 +309,17 @@ class SplitQueue:
                     raise RingError("descriptor has both INDIRECT and NEXT")
                 if length == 0 or length % DESC_SIZE or length // DESC_SIZE > self.size:
                     raise RingError(f"indirect table of {length} bytes")
-                table, limit, i, in_indirect = addr, length // DESC_SIZE, 0, True
+                # One read of the whole table (a copy: the driver cannot change it under us).
+                table = await self.dma.read(addr, length)
+                limit, i, in_indirect = length // DESC_SIZE, 0, True
                 seen = 0
                 continue
             if flags & VRING_DESC_F_WRITE:
-                chain.writable.append((addr, length))
-            elif chain.writable:
+                writable.append((addr, length))
+            elif writable:
                 raise RingError("device-readable descriptor after a device-writable one")
             else:
-                chain.readable.append((addr, length))
+                readable.append((addr, length))
             seen += 1
             if not flags & VRING_DESC_F_NEXT:
                 return chain
