@@ -951,6 +951,10 @@ async def test_driver_batches_reads_under_one_kick_and_fails_requests_never_comp
         got = await drv.read_many(0, [(i * 8, 4096) for i in reversed(range(32))])
         assert got == [data[i * 4096 : (i + 1) * 4096] for i in reversed(range(32))]
         assert q.notifications - kicks <= 1
+        # More chains than the queue has descriptors (3 each): kicks as it runs out.
+        with trio.fail_after(WAIT):
+            got = await drv.read_many(0, [(i % 32 * 8, 4096) for i in range(q.size)])
+        assert got == [data[i % 32 * 4096 : (i % 32 + 1) * 4096] for i in range(q.size)]
         # A device that stops answering: the request fails after the driver's timeout.
         with trio.fail_after(WAIT):
             await fn.quiesce()

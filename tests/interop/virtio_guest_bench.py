@@ -87,10 +87,16 @@ def make_disk(directory: str) -> str:
     return path
 
 
+AIO = {"aio": None}  # --aio: zpcid's engine (None: the function's default)
+
+
 def zpcid_function(path: str, cache: str) -> VirtioBlkFunction:
     kw = {}
-    if "cache" in inspect.signature(VirtioBlkFunction.__init__).parameters:
+    params = inspect.signature(VirtioBlkFunction.__init__).parameters
+    if "cache" in params:
         kw["cache"] = cache  # (a build without the option always uses the page cache)
+    if AIO["aio"] and "aio" in params:
+        kw["aio"] = AIO["aio"]
     return VirtioBlkFunction("gbench", path=path, num_queues=1, **kw)
 
 
@@ -200,7 +206,9 @@ def main() -> None:
     ap.add_argument("--no-guest", action="store_true", help="only the reference-client figure")
     ap.add_argument("--dir", default="/var/tmp", help="where the disk images live")
     ap.add_argument("--json", help="write every sample here")
+    ap.add_argument("--aio", help="zpcid's aio engine (io_uring, threads; default: the function's)")
     args = ap.parse_args()
+    AIO["aio"] = args.aio
     log.configure(fmt="json", level="warning")
     qemu = qh.find_qemu()
     out: dict = {}

@@ -165,16 +165,20 @@ class DriverQueue:
         self.drv.mem.write(self.desc + DESC_SIZE * i, struct.pack("<QIHH", addr, n, flags, nxt))
 
     def publish(self, head: int) -> trio.Event:
+        return self._publish(head)[0]
+
+    def _publish(self, head: int) -> list:
         mem = self.drv.mem
         # [done, used length, when published]: the reaper's watchdog fails waiters
-        # older than the driver's timeout (no cancel scope per request).
+        # older than the driver's timeout (no cancel scope per request). The reaper
+        # takes a waiter out when its chain completes: the head may be reused at once.
         waiter = [trio.Event(), None, trio.current_time()]
         self.waiters[head] = waiter
         mem.put16(self.avail + 4 + 2 * (self.avail_idx % self.size), head)
         fence()  # ring entry before the index
         self.avail_idx = (self.avail_idx + 1) & 0xFFFF
         mem.put16(self.avail + 2, self.avail_idx)
-        return waiter[0]
+        return waiter
 
     async def kick(self, old_idx: int) -> None:
         """Notify the device unless it asked not to be (EVENT_IDX / NO_NOTIFY)."""
@@ -199,16 +203,22 @@ class DriverQueue:
 
     async def submit_many(self, chains: list[list[tuple[int, int, bool]]], **kw) -> list[int]:
         """Add chains, publish them, kick once, wait for all; returns their used lengths."""
-        heads = [await self.add(bufs, **kw) for bufs in chains]
+        heads, waiters = [], []
         old = self.avail_idx
-        events = [self.publish(head) for head in heads]
+        for bufs in chains:
+            need = 1 if kw.get("indirect_table") is not None else len(bufs)
+            if len(self.free) < need and self.avail_idx != old:
+                # Out of descriptors: let the device see what is published so far.
+                await self.kick(old)
+                old = self.avail_idx
+            heads.append(await self.add(bufs, **kw))
+            waiters.append(self._publish(heads[-1]))
         await self.kick(old)
-        for done in events:
+        out = []
+        for head, (done, _, _) in zip(heads, waiters):
             if not done.is_set():  # (a set event would still cost a scheduler pass)
                 await done.wait()
-        out = []
-        for head in heads:
-            used = self.waiters.pop(head)[1]
+        for head, (_, used, _) in zip(heads, waiters):
             if used is None:
                 raise DriverError(f"queue {self.index}: no completion for head {head}")
             out.append(used)
@@ -227,7 +237,7 @@ class DriverQueue:
                 self.last_used = (self.last_used + 1) & 0xFFFF
                 self.free.extend(self.chains.pop(head, []))
                 self.free_event.set()
-                waiter = self.waiters.get(head)
+                waiter = self.waiters.pop(head, None)
                 if waiter is not None:
                     waiter[1] = length
                     waiter[0].set()
@@ -257,8 +267,9 @@ class DriverQueue:
 
     def expire(self, before: float) -> None:
         """Fail the requests published before ``before`` that the device never completed."""
-        for waiter in self.waiters.values():
-            if waiter[2] < before and not waiter[0].is_set():
+        for head, waiter in list(self.waiters.items()):
+            if waiter[2] < before:
+                del self.waiters[head]
                 waiter[0].set()  # (used length None: submit raises)
 
 
