@@ -181,12 +181,17 @@ class Ring:
             raise
         return await self._wait(uid)
 
-    async def preadv(self, fd: int, views: list[memoryview], offset: int) -> int:
-        iov = _iovecs(views)
+    async def preadv(self, fd: int, views: list[memoryview], offset: int,
+                     iov: bytearray | None = None) -> int:
+        """``os.preadv`` through the ring (``iov``: ``iovecs(views)[0]`` if already built)."""
+        if iov is None:
+            iov = iovecs(views)[0]
         return await self.run(IORING_OP_READV, fd, offset, address(iov), len(views), keep=(iov, views))
 
-    async def pwritev(self, fd: int, views: list[memoryview], offset: int) -> int:
-        iov = _iovecs(views)
+    async def pwritev(self, fd: int, views: list[memoryview], offset: int,
+                      iov: bytearray | None = None) -> int:
+        if iov is None:
+            iov = iovecs(views)[0]
         return await self.run(IORING_OP_WRITEV, fd, offset, address(iov), len(views), keep=(iov, views))
 
     async def fdatasync(self, fd: int) -> int:
@@ -238,11 +243,18 @@ class Ring:
         self.fd = -1
 
 
-def _iovecs(views: list[memoryview]) -> bytearray:
+def iovecs(views: list[memoryview]) -> tuple[bytearray, int]:
+    """The ``struct iovec`` array for ``views``, and every address and length OR-ed
+    together (its low bits say whether all of them are aligned, as O_DIRECT needs)."""
     iov = bytearray(_iovec.size * len(views))
+    bits = 0
+    pack, size = _iovec.pack_into, _iovec.size
     for i, v in enumerate(views):
-        _iovec.pack_into(iov, _iovec.size * i, address(v) if len(v) else 0, len(v))
-    return iov
+        n = len(v)
+        a = address(v) if n else 0
+        bits |= a | n
+        pack(iov, size * i, a, n)
+    return iov, bits
 
 
 def _in_trio() -> bool:

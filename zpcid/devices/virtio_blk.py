@@ -265,14 +265,15 @@ class BackingFile:
                 return False
         return True
 
-    def ring_fd(self, views: list[memoryview], offset: int, length: int) -> int:
-        """The descriptor a ring operation on these buffers uses, or -1 where only the
-        thread path can do it (an unaligned guest buffer under O_DIRECT: bounce buffer)."""
+    def ring_plan(self, views: list[memoryview], offset: int, length: int) -> tuple[int, bytearray] | None:
+        """(descriptor, iovec array) for a ring operation on these buffers, or None where
+        only the thread path can do it (an unaligned guest buffer under O_DIRECT: bounce)."""
         if len(views) > IOV_MAX:
-            return -1
+            return None
+        iov, bits = uring.iovecs(views)
         if not self.direct or offset % self.align or length % self.align:
-            return self.fd
-        return self.dfd if self._aligned(views, offset, length) else -1
+            return self.fd, iov
+        return (self.dfd, iov) if not bits % self.align else None
 
     def read_into(self, views: list[memoryview], offset: int) -> None:
         """Fill ``views`` from ``offset``; past the end of the file reads as zeros."""
@@ -813,10 +814,11 @@ class VirtioBlkFunction(ZpciFunction):
         an alignment O_DIRECT refused after all) through a worker thread."""
         ring = self.ring
         if ring is not None and ring.accepting:
-            fd = self.backing.ring_fd(views, pos, length)
-            if fd >= 0:
+            plan = self.backing.ring_plan(views, pos, length)
+            if plan is not None:
+                fd, iov = plan
                 self.ring_ops += 1
-                res = await (ring.pwritev if write else ring.preadv)(fd, views, pos)
+                res = await (ring.pwritev if write else ring.preadv)(fd, views, pos, iov)
                 if res == length:
                     return
                 if res < 0 and not (res == -errno.EINVAL and fd == self.backing.dfd):
