@@ -5,6 +5,7 @@ import struct
 
 import pytest
 import trio
+import trio.testing
 
 from zpcid.service import channel as ch
 
@@ -86,4 +87,48 @@ async def test_peer_gone_is_closed():
         with pytest.raises(ch.Closed):
             await c.recv()
     c.close()
+    b.close()
+
+
+async def test_a_cancelled_reader_or_writer_leaves_the_channel_at_a_frame_boundary():
+    """An upgrade stops reading a worker's channel and passes the socket on: a frame
+    begun when the reader (or writer) is cancelled is finished first, so the next owner
+    starts at a frame boundary."""
+    a, b = pair()
+    body = b'{"n":1,"pad":"' + b"x" * 1000 + b'"}'
+    frame = struct.pack("<I", len(body)) + body
+    await a.sock.send(frame[:200])  # the prefix and part of the body only
+    got = []
+    async with trio.open_nursery() as n:
+        scope = trio.CancelScope()
+
+        async def reader():
+            with scope:
+                got.append(await b.recv())
+
+        n.start_soon(reader)
+        await trio.testing.wait_all_tasks_blocked()  # it has the prefix, waits for the rest
+        scope.cancel()
+        await trio.testing.wait_all_tasks_blocked()
+        assert got == []  # still waiting for its frame
+        await a.sock.send(frame[200:])
+    assert got[0][0]["n"] == 1  # finished despite the cancel
+    await a.send({"n": 2})
+    assert (await b.recv())[0] == {"n": 2}  # the next frame starts where it should
+
+    big = {"n": 3, "blob": "y" * 600_000}  # more than the socket buffer
+    async with trio.open_nursery() as n:
+        scope = trio.CancelScope()
+
+        async def writer():
+            with scope:
+                await a.send(big)
+
+        n.start_soon(writer)
+        await trio.testing.wait_all_tasks_blocked()  # part sent, waiting for buffer space
+        scope.cancel()
+        assert (await b.recv())[0] == big
+    await a.send({"n": 4})
+    assert (await b.recv())[0] == {"n": 4}
+    a.close()
     b.close()
