@@ -309,6 +309,7 @@ async def test_a_successor_that_cannot_start_leaves_the_old_worker_serving(daemo
             # An upgrade replaces what it can; fid 1 goes on in its old worker.
             rc, out, err = await trio.to_thread.run_sync(d.ctl, "upgrade")
             assert rc == 0, err + out
+            assert "fid 0x1: still the old worker" in out and "backing" in out
             after = pids(d)
             assert after[1] == before[1] and after[2] != before[2]
             handover = d.ctl_json("stats")["last_handover"]

@@ -204,15 +204,20 @@ COMMANDS: dict[str, dict[str, Any]] = {
                 "fid": True,
                 "out": lambda r, a: f"fid {r['fid']:#x}: worker {r['old_pid']} -> {r['pid']}, "
                                     f"paused {r['pause_ms']:.1f} ms"},
-    "upgrade": {"help": "hand every function and VMM connection to a new zpcid process (re-exec)",
+    "upgrade": {"help": "re-execute zpcid (new code) with every VMM connection kept, then "
+                        "replace each worker",
                 "out": lambda r, a: _out_upgrade(r)},
 }
 
 
 def _out_upgrade(r) -> str:
     h = r.get("last_handover") or {}
-    return (f"upgraded: pid {r['pid']} serves {h.get('functions', '?')} handed-over functions, "
-            f"paused {h.get('pause_ms', float('nan')):.1f} ms")
+    out = (f"upgraded: pid {r['pid']} serves {h.get('functions', '?')} handed-over functions, "
+           f"paused {h.get('pause_ms', float('nan')):.1f} ms")
+    failed = h.get("failed") or {}
+    if isinstance(failed, dict) and failed:  # those go on in their old workers
+        out += "".join(f"\nfid {fid}: still the old worker: {why}" for fid, why in failed.items())
+    return out
 
 
 UPGRADE_WAIT = 60.0
