@@ -32,7 +32,8 @@ START_TIMEOUT = 60.0
 def _toml(rdir: str, functions: list[dict]) -> str:
     lines = ["[daemon]", f'runtime-dir = "{rdir}"', 'log-level = "error"', 'log-format = "json"']
     for f in functions:
-        lines += ["", "[[function]]"] + [f"{k} = {v!r}" if not isinstance(v, str) else f'{k} = "{v}"'
+        lines += ["", "[[function]]"] + [f'{k} = "{v}"' if isinstance(v, str) else
+                                         f"{k} = {str(v).lower()}" if isinstance(v, bool) else f"{k} = {v!r}"
                                          for k, v in f.items()]
     return "\n".join(lines) + "\n"
 
