@@ -499,9 +499,8 @@ async def test_reset_mid_io_stops_processing_and_keeps_file_consistent(disk, soc
 
 
 
-async def start_writes(fn, drv, mem, n, size):
-    """Queue ``n`` writes of ``size`` bytes (request i fills with byte i+1) and
-    return once the device has started on them."""
+async def queue_writes(drv, mem, n, size):
+    """Publish ``n`` writes of ``size`` bytes (request i fills with byte i+1), notify."""
     q = drv.queues[0]
     for i in range(n):
         h, data = mem.alloc(32), mem.alloc(size)
@@ -509,6 +508,11 @@ async def start_writes(fn, drv, mem, n, size):
         mem.write(data, bytes([i + 1]) * size)
         q.publish(await q.add([(h, 16, False), (data, size, False), (h + 16, 1, True)]))
     await q.notify()
+
+
+async def start_writes(fn, drv, mem, n, size):
+    """Queue ``n`` writes (see queue_writes) and return once the device has started on them."""
+    await queue_writes(drv, mem, n, size)
     with trio.fail_after(WAIT):
         while fn.stats["writes"] < 1:
             await trio.sleep(0.001)
@@ -860,13 +864,7 @@ async def test_quiesce_finishes_requests_in_flight_then_snapshot_and_resume(disk
 async def _ring_busy(fn, drv, nreq: int, size: int) -> int:
     """Publish ``nreq`` writes (request i fills with byte i+1) and return, without a
     checkpoint, while some are submitted to the function's io_uring and not yet reaped."""
-    q, mem = drv.queues[0], drv.mem
-    for i in range(nreq):
-        h, data = mem.alloc(32), mem.alloc(size)
-        mem.write(h, hdr(T_OUT, i * size // 512) + b"\xff")
-        mem.write(data, bytes([i + 1]) * size)
-        q.publish(await q.add([(h, 16, False), (data, size, False), (h + 16, 1, True)]))
-    await q.notify()
+    await queue_writes(drv, drv.mem, nreq, size)
     with trio.fail_after(WAIT):
         while fn.ring is None or not fn.ring.pending:
             await trio.sleep(0)
