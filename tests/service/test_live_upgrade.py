@@ -224,13 +224,7 @@ async def test_upgrade_serves_the_vmm_while_the_new_process_starts(daemons, tmp_
     we let it go on) and are then replaced by pre-started ones; a client that never stops
     sending sees every answer, the same state and a connection that never closes."""
     d = daemons().start()
-    marker = tmp_path / "go"
-    wrapper = tmp_path / "zpcid-held"
-    wrapper.write_text(
-        f"#!{sys.executable}\nimport os, sys, time\n"
-        f"while not os.path.exists({str(marker)!r}):\n    time.sleep(0.02)\n"
-        "os.execv(sys.executable, [sys.executable, '-m', 'zpcid.cli', *sys.argv[1:]])\n")
-    wrapper.chmod(0o755)
+    marker, wrapper = held_zpcid(tmp_path)
     mem = Memfd(1 << 20)
     try:
         async with vclient.connect(d.socket("f1")) as c:
@@ -252,9 +246,7 @@ async def test_upgrade_serves_the_vmm_while_the_new_process_starts(daemons, tmp_
                 n.start_soon(keep_asking)
                 result = []
                 n.start_soon(lambda: _run_into(result, d.ctl, "upgrade", "--binary", str(wrapper)))
-                with trio.fail_after(30):  # the supervisor is gone: the held wrapper runs
-                    while str(wrapper) not in _cmdline(daemon_pid):
-                        await trio.sleep(0.02)
+                await exec_reached(daemon_pid, wrapper)
                 # No supervisor at all now, yet the function answers, DMAs and interrupts.
                 seen = answered[0]
                 await works(c, mem, fds, 0x600D, 1)
@@ -324,6 +316,69 @@ async def test_a_successor_that_cannot_start_leaves_the_old_worker_serving(daemo
             assert pids(d)[1] != before[1]
             await works(c, mem, fds, 0xB0B, 2)
             for fd in fds:
+                os.close(fd)
+        assert d.stop() == 0
+    finally:
+        mem.close()
+
+
+def held_zpcid(tmp_path):
+    """An executable for `zpcictl upgrade --binary` that holds the upgrade between the
+    old supervisor's exec and the new one's start, until the returned marker exists."""
+    marker = tmp_path / "go"
+    wrapper = tmp_path / "zpcid-held"
+    wrapper.write_text(
+        f"#!{sys.executable}\nimport os, sys, time\n"
+        f"while not os.path.exists({str(marker)!r}):\n    time.sleep(0.02)\n"
+        "os.execv(sys.executable, [sys.executable, '-m', 'zpcid.cli', *sys.argv[1:]])\n")
+    wrapper.chmod(0o755)
+    return marker, wrapper
+
+
+async def exec_reached(daemon_pid: int, wrapper) -> None:
+    with trio.fail_after(30):  # the old supervisor is gone: the held wrapper runs
+        while str(wrapper) not in _cmdline(daemon_pid):
+            await trio.sleep(0.02)
+
+
+async def test_worker_killed_while_the_supervisor_re_executes(daemons, tmp_path):
+    """The crash rule holds in an upgrade's window without a supervisor: the VMM of a
+    killed worker sees end of file at once, the other function is untouched, and the
+    new supervisor starts the killed one afresh (the old zygote reports why it died)."""
+    d = daemons().start()
+    marker, wrapper = held_zpcid(tmp_path)
+    mem = Memfd(1 << 20)
+    try:
+        async with vclient.connect(d.socket("f1")) as c1, vclient.connect(d.socket("f2")) as c2:
+            fds1 = await prepare_vmm(c1, mem)
+            fds2 = await prepare_vmm(c2, mem)
+            await c1.region_write(4, Mem.REG_SCRATCH, struct.pack("<I", 0x11))
+            before, daemon_pid = pids(d), d.proc.pid
+            async with trio.open_nursery() as n:
+                result = []
+                n.start_soon(lambda: _run_into(result, d.ctl, "upgrade", "--binary", str(wrapper)))
+                await exec_reached(daemon_pid, wrapper)
+                os.kill(before[2], signal.SIGKILL)
+                with trio.fail_after(5):  # generous: EOF arrives as the process dies
+                    await c2._eof.wait()
+                await works(c1, mem, fds1, 0x11, 0)
+                marker.touch()
+            rc, out, err = result[0]
+            assert rc == 0, err + out + d.log()[-3000:]
+            assert not c1._eof.is_set()
+            await works(c1, mem, fds1, 0x11, 1)
+            died = [e for e in d.events() if e.get("event") == "worker_died" and e.get("fid") == 2]
+            assert died and died[0]["reason"] == "killed by signal SIGKILL"
+            with trio.fail_after(20):
+                while pids(d).get(2) in (None, before[2]):
+                    await trio.sleep(0.05)
+            for fd in fds1 + fds2:
+                os.close(fd)
+        async with vclient.connect(d.socket("f2")) as c3:  # the next attach works
+            fds3 = await prepare_vmm(c3, mem)
+            await c3.region_write(4, Mem.REG_SCRATCH, struct.pack("<I", 3))
+            await works(c3, mem, fds3, 3, 2)
+            for fd in fds3:
                 os.close(fd)
         assert d.stop() == 0
     finally:
