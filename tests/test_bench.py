@@ -20,6 +20,8 @@ def test_bench_quick_json(tmp_path):
     for name in ("message path: REGION_READ config space, round trip",
                  "message path: one-page RPCIT intercept, round trip",
                  "server CPU: zpcid per REGION_READ",
+                 "server CPU: zpcid per one-page RPCIT",
+                 "server CPU: zpcid per one-page RPCIT, refresh bit off (invalidate)",
                  "RPCIT: shadow 64 MiB",
                  "direct map: enable for a 64 GiB guest",
                  "DMA copy: 16 MiB via direct",
