@@ -16,7 +16,7 @@ from crc32c import crc32c
 from zpcid.vfio_user.dma import DmaFault
 from zpcid.zpci.function import ZpciFunction
 from zpcid.snapshot import Snapshot, expect, require
-from zpcid.vfio_user.regions import WindowedRegion
+from zpcid.vfio_user.regions import WindowedRegion, store_writable
 
 DEFAULT_VENDOR = 0x1014  # test IDs, see docs/devices/dma-engine.md
 DEFAULT_DEVICE = 0xFE10
@@ -115,14 +115,7 @@ class DmaEngine(ZpciFunction):
             self._set("<I", REG_STATUS, STATUS_BUSY)
             await self.defer(self._serialized, self._run_ring, int.from_bytes(data, "little"))
             return
-        # Only the writable bytes, one slice per writable range the access covers.
-        end = offset + len(data)
-        regs = self.regs
-        for lo, hi in self._WRITABLE:
-            if lo < end and offset < hi:
-                a = lo if lo > offset else offset
-                b = hi if hi < end else end
-                regs[a:b] = data[a - offset : b - offset]
+        store_writable(self.regs, self._WRITABLE, offset, data)
 
     async def _serialized(self, fn, *args) -> None:
         async with self._lock:

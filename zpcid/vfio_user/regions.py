@@ -23,6 +23,18 @@ class RegionError(ErrnoError):
         super().__init__(message, errno_)
 
 
+def store_writable(buf, ranges, offset: int, data) -> None:
+    """Store the bytes of a write at ``offset`` that fall inside ``ranges`` ((lo, hi)
+    pairs) into ``buf``, one slice per range; the rest of the write is dropped
+    (read-only fields of a register block)."""
+    end = offset + len(data)
+    for lo, hi in ranges:
+        if lo < end and offset < hi:
+            a = lo if lo > offset else offset
+            b = hi if hi < end else end
+            buf[a:b] = data[a - offset : b - offset]
+
+
 class Region:
     """A region: bounds-checked reads/writes, optionally mmappable through an fd."""
 

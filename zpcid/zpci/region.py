@@ -9,7 +9,7 @@ from typing import Awaitable, Callable
 
 from protocol.vfio_user.messages import TypeCap
 from protocol.zpci import region as R
-from zpcid.vfio_user.regions import MemfdRegion
+from zpcid.vfio_user.regions import MemfdRegion, store_writable
 
 # Precompiled: the header, operands and results are packed on every intercept.
 _U32 = struct.Struct("<I")
@@ -42,12 +42,7 @@ class ControlRegion(MemfdRegion):
         end = offset + len(data)
         # Read-only parts (header, CLP data, results, event producer) are owned
         # by zpcid; only the writable fields are taken from a REGION_WRITE.
-        mm = self.mm
-        for lo, hi in R.WRITABLE_RANGES:
-            if lo < end and offset < hi:
-                a = lo if lo > offset else offset
-                b = hi if hi < end else end
-                mm[a:b] = data[a - offset : b - offset]
+        store_writable(self.mm, R.WRITABLE_RANGES, offset, data)
         self.on_write(offset, end)
         if offset <= R.MAILBOX + R.MB_DOORBELL < end:
             await self.on_doorbell()
