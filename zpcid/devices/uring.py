@@ -157,7 +157,10 @@ class Ring:
                 if err == errno.EINTR:
                     continue
                 # (EAGAIN/EBUSY cannot happen with in-flight work bounded below the
-                # completion ring; anything else means the ring itself is broken)
+                # completion ring; anything else means the ring itself is broken.)
+                # Take no more work: the SQEs left in the ring are never submitted, so
+                # the kernel never touches the buffers their callers now let go of.
+                self.accepting = False
                 raise OSError(err, f"io_uring_enter: {os.strerror(err)}")
             self.unsubmitted -= n
 
