@@ -497,11 +497,18 @@ def test_direct_map():
         with pytest.raises(TranslationError) as e:
             dm.translate(iova, n, write=False)
         assert (e.value.pec, e.value.iova) == (T.ZPCI_PEC_OUT_OF_RANGE, iova)
+        # a request with that piece among good ones: no translation, the caller goes piece by piece
+        assert dm.translate_many([(0x100001000, 0x1000), (iova, n)], write=False) is None
+    assert dm.translate_many([(0x100001000, 0x3000), (0x100000000 + 3 * GiB, 16), (0x100000000, 0),
+                              (0x100000000 + 4 * GiB - 8, 8)], write=True) == \
+        [(0x1000, 0x3000), (3 * GiB, 16), (4 * GiB - 8, 8)]
     ro = DirectMap(sdma=0, pba=0x1000, pal=0xFFFFF, memory_limit=MiB, writable=False)
     assert ro.translate(0x1000, 8, write=False) == [(0x1000, 8)]
     with pytest.raises(TranslationError) as e:
         ro.translate(0x1000, 8, write=True)
     assert e.value.pec == T.ZPCI_PEC_TRANSLATION_PROTECTION
+    assert ro.translate_many([(0x1000, 8)], write=True) is None
+    assert ro.translate_many([(0x1000, 8)], write=False) == [(0x1000, 8)]
     with pytest.raises(TranslationError):
         ro.translate(0, 8, write=False)  # below PBA
 

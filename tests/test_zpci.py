@@ -363,6 +363,42 @@ async def test_direct_mapping_under_relaxed_translation(sock_dir):
         assert pec == Z.ZPCI_PEC_INVALID_AS and Z.ErrorCcdf.unpack(ccdf).faddr == SDMA + 0x50_0000
 
 
+async def test_direct_map_resolves_a_request_in_one_pass(sock_dir):
+    """A device model's scatter-gather list under a direct map: every piece is the
+    guest memory at IOVA - SDMA, counted as DMA, and a piece outside the aperture
+    is the same out-of-range error at that piece's IOVA as a single access."""
+    fn = engine()
+    async with zpci_env(sock_dir, fn, tables=False) as env:
+        r = await env.box.mpcifc(Z.ZPCI_MOD_FC_REG_IOAT,
+                                 env.fib(pba=SDMA, pal=SDMA + GUEST_MEM - 1, iota=0))
+        assert (r.cc, r.exception) == (0, 0)
+        path = fn.zpci.dma_path
+        gpas = [(0x30_0000, PAGE), (0x12_3008, 100), (0x30_1000, 2 * PAGE), (0x40_0000, 0),
+                (GUEST_MEM - PAGE, PAGE)]
+        payload = os.urandom(sum(n for _, n in gpas))
+        pos = 0
+        for gpa, n in gpas:
+            env.mem.write(gpa, payload[pos:pos + n])
+            pos += n
+        before = fn.counters.dma_bytes_read
+        views = path.views_many([(SDMA + gpa, n) for gpa, n in gpas], False)
+        assert b"".join(bytes(v) for v in views) == payload
+        assert fn.counters.dma_bytes_read - before == len(payload)
+        # written through the views: the guest sees it at the guest addresses
+        views = path.views_many([(SDMA + 0x50_0000, PAGE), (SDMA + 0x20_0010, 16)], True)
+        views[0][:] = b"\7" * PAGE
+        views[1][:] = b"\x55" * 16
+        assert env.mem.read(0x50_0000, PAGE) == b"\7" * PAGE and env.mem.read(0x20_0010, 16) == b"\x55" * 16
+        assert env.box.events() == []
+        # the last piece runs past guest memory: the request fails at that piece
+        bad = SDMA + GUEST_MEM - PAGE
+        with pytest.raises(DmaFault):
+            path.views_many([(SDMA + 0x30_0000, PAGE), (bad, 2 * PAGE)], False)
+        (kind, pec, ccdf), = env.box.events()
+        assert pec == Z.ZPCI_PEC_OUT_OF_RANGE and Z.ErrorCcdf.unpack(ccdf).faddr == bad
+        assert fn.zpci.state == Zr.State.ERROR
+
+
 async def test_no_translation_refused_without_rtr(sock_dir):
     async with zpci_env(sock_dir, engine(compat=1), tables=False) as env:
         r = await env.box.mpcifc(Z.ZPCI_MOD_FC_REG_IOAT, env.fib(pba=SDMA, pal=SDMA + (1 << 20) - 1, iota=0))

@@ -532,6 +532,15 @@ class ZpciCore:
             pos += n
         return out
 
+    def direct_pieces(self, pieces: list[tuple[int, int]], write: bool) -> list[tuple[int, int]] | None:
+        """Guest (address, length) of a request's IOVA pieces through a direct map in one
+        pass; None when not direct-mapped, not able to DMA, or a piece would fault
+        (``translate`` then reports it piece by piece)."""
+        reg = self.ioat_reg
+        if reg is None or not reg.direct or self.state not in DMA_STATES:
+            return None
+        return reg.translator.translate_many(pieces, write)
+
     def memory_fault(self, piece_iova: int, gpa: int, exc: DmaFault, iova: int, length: int,
                      write: bool) -> NoReturn:
         """A translated access that lands where the VMM mapped no guest memory."""

@@ -76,14 +76,16 @@ class ZpciDmaPath:
     def views_many(self, pieces: list[tuple[int, int]], write: bool) -> list[memoryview] | None:
         """``views`` of several (iova, len) pieces of one request."""
         core = self.core
-        if not core.translating:
+        guest = pieces if not core.translating else core.direct_pieces(pieces, write)
+        if guest is not None:
+            # vmm-translates keys, or a direct map: the pieces are guest addresses in one pass
             try:
-                out = self.space.views_many(pieces, write)
+                out = self.space.views_many(guest, write)
             except DmaFault:
                 out = None  # the piece-by-piece path below reports the fault
             else:
                 if out is not None:
-                    total = sum(n for _, n in pieces)
+                    total = sum(n for _, n in guest)
                     core.account_dma(0, total) if write else core.account_dma(total, 0)
                 return out
         out = []
