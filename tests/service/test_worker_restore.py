@@ -52,11 +52,13 @@ async def _serve(fc, listener, nursery) -> tuple[FunctionServer, trio.CancelScop
     return server, scope
 
 
-async def _worker_from(fc, listener, doc, fds, nursery, standby: bool = False) -> Channel:
+async def _worker_from(fc, listener, doc, fds, nursery, standby: bool = False):
     """A worker that takes over: ``init`` with the state, or (``standby``, as a live restart
-    pre-starts it) ``init`` to build the function first, then ``start`` with the state."""
+    pre-starts it) ``init`` to build the function first, then ``start`` with the state.
+    Returns our end of its channel and its own (to close: not left to the collector)."""
     ours, theirs = socket.socketpair()
-    nursery.start_soon(Worker(Channel(theirs)).run)
+    wch = Channel(theirs)
+    nursery.start_soon(Worker(wch).run)
     ch = Channel(ours)
     sent = [os.dup(listener.fileno()), *fds]
     args = {"function": attrs.asdict(fc), "socket_mode": 0o600}
@@ -71,7 +73,7 @@ async def _worker_from(fc, listener, doc, fds, nursery, standby: bool = False) -
         os.close(fd)
     reply, _ = await ch.recv()
     assert reply.get("ok"), reply
-    return ch
+    return ch, wch
 
 
 @pytest.mark.parametrize("standby", [False, True], ids=["init", "standby-start"])
@@ -95,7 +97,7 @@ async def test_restore_continues_and_refused_snapshot_closes_the_vmm(sock_dir, s
                     if refuse:  # a function snapshot from a newer zpcid
                         doc["fields"]["function"]["version"] = 99
                     with structlog.testing.capture_logs() as logs:
-                        ch = await _worker_from(fc, listener, doc, snap_fds, nursery, standby)
+                        ch, wch = await _worker_from(fc, listener, doc, snap_fds, nursery, standby)
                     if refuse:
                         refused = [e for e in logs if e["event"] == "restore_refused"]
                         assert refused and "version 99" in refused[0]["error"]
@@ -110,8 +112,9 @@ async def test_restore_continues_and_refused_snapshot_closes_the_vmm(sock_dir, s
                 if refuse:  # the function starts clean and takes the next VMM
                     async with vclient.connect(fc.socket) as c2:
                         assert await c2.region_read(4, Mem.REG_SCRATCH, 4) == bytes(4)
-                ch.close()
                 nursery.cancel_scope.cancel()
+            ch.close()
+            wch.close()
     finally:
         listener.close()
         mem.close()
@@ -121,11 +124,11 @@ async def _refused(fc, requests) -> int:
     """Send ``requests`` ((msg, fds, expect_ok) each) to a fresh in-process worker; the
     last must be refused as a bad request. Returns the worker's exit code."""
     ours, theirs = socket.socketpair()
-    ch = Channel(ours)
+    ch, wch = Channel(ours), Channel(theirs)
     code = []
     async with trio.open_nursery() as nursery:
         async def run():
-            code.append(await Worker(Channel(theirs)).run())
+            code.append(await Worker(wch).run())
 
         nursery.start_soon(run)
         for msg, fds, ok in requests:
@@ -136,6 +139,7 @@ async def _refused(fc, requests) -> int:
             assert reply["id"] == msg["id"] and reply["ok"] is ok, reply
         assert reply["error"]["code"] == "bad-request"
     ch.close()
+    wch.close()
     return code[0]
 
 
