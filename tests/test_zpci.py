@@ -309,6 +309,37 @@ async def test_lazy_translation_dma_without_rpcit_then_invalidate(sock_dir):
         assert shadowed(env) == 2
 
 
+async def test_lazy_translation_forgets_what_the_error_state_kept_from_rpcit(sock_dir):
+    """RPCIT is refused in the error state (Linux ignores a refused flush and
+    reuses the IOVAs): once the error state ends, no cached translation from
+    before it may be used."""
+    fn = engine()
+    async with zpci_env(sock_dir, fn) as env:
+        gt, mem, box = env.tables, env.mem, env.box
+        assert (await env.register_ioat()).cc == 0
+        old_gpa, new_gpa, dst_gpa = 0x10_0000, 0x30_0000, 0x20_0000
+        iova_src, iova_dst = SDMA + 0x40_0000, SDMA + 0x80_0000
+        gt.map(iova_src, old_gpa, 1, writable=False)
+        gt.map(iova_dst, dst_gpa, 1)
+        mem.write(old_gpa, b"\x11" * PAGE)
+        mem.write(new_gpa, b"\x22" * PAGE)
+        assert ok(await dma(env, D.OP_COPY, iova_src, iova_dst, PAGE))
+        assert mem.read(dst_gpa, PAGE) == b"\x11" * PAGE and shadowed(env) == 2
+        # a DMA fault puts the function into the error state
+        st = await dma(env, D.OP_FILL, 0, iova_dst + 8 * PAGE, PAGE, 0)
+        assert st & D.STATUS_ERROR and box.state == Zr.State.ERROR
+        # meanwhile the guest moves the IOVA to another page; its RPCIT is refused
+        gt.unmap(iova_src, 1)
+        gt.map(iova_src, new_gpa, 1, writable=False)
+        r = await box.rpcit(iova_src, PAGE)
+        assert r.cc == 1 and r.status == Z.ZPCI_PCI_ST_FUNC_NOT_AVAIL
+        assert (await box.mpcifc(Z.ZPCI_MOD_FC_RESET_BLOCK, env.fib())).cc == 0
+        assert (await box.mpcifc(Z.ZPCI_MOD_FC_RESET_ERROR, env.fib())).cc == 0
+        assert shadowed(env) == 0
+        assert ok(await dma(env, D.OP_COPY, iova_src, iova_dst, PAGE))
+        assert mem.read(dst_gpa, PAGE) == b"\x22" * PAGE
+
+
 async def test_lazy_translation_dma_limit_bounds_the_cache_never_the_dma(sock_dir):
     fn = engine(dma_limit=4)
     async with zpci_env(sock_dir, fn) as env:

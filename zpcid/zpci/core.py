@@ -355,8 +355,15 @@ class ZpciCore:
 
     def _state_changed(self) -> None:
         was, self._blocked = self._blocked, self.dma_blocked
+        ended = was and not self._blocked
+        reg = self.ioat_reg
+        if ended and self.lazy and reg is not None and not reg.direct:
+            # RPCIT is refused in the error state and Linux does not repeat a
+            # refused flush: the cache may hold translations the guest has
+            # invalidated since (and whose IOVAs it reuses).  Misses re-walk.
+            self.port.zpci_count("pages_unmapped", self.shadow.clear())
         self.publish()
-        if was and not self._blocked:
+        if ended:
             if self._unblocked is not None:
                 self._unblocked.set()
                 self._unblocked = None
